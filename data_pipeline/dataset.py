@@ -1,0 +1,239 @@
+"""The dataset the engine consumes: shard folders → blended, shuffled, rank-split, packed rows.
+
+Order. An epoch is a list of sample ids over all sources: source i contributes n_i samples
+(its record count, or weight_i · total when weights are given: a source is then subsampled or
+repeated), drawn from a per-epoch permutation of its records; the list is shuffled with
+(seed, epoch). Rank r of W takes every W-th entry from r.
+
+Resume. A rank's position is (epoch, cursor into its part). `merge_states` combines all ranks'
+positions into one state that `load_state_dict` continues exactly at the same world size. At
+another world size the records the old ranks consumed are removed from the epoch (a "layer") and
+the rest is split among the new ranks, so the epoch is still seen exactly once. Rows a rank had
+already taken from the *next* epoch are seen again in that case (see data_pipeline/README.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import packing
+from data_pipeline.shards import ShardError, ShardReader
+from data_pipeline.verify import load_manifest, manifest_hash, verify_folder
+
+STATE_VERSION = 1
+
+
+class _Source:
+    """One shard folder's split: record lookup and its packing rules."""
+
+    def __init__(self, folder: Path, split: str, verify_checksums: bool):
+        problems = verify_folder(folder, full=verify_checksums)
+        if problems:
+            raise ShardError(f"{folder}: " + "; ".join(problems))
+        self.folder = folder
+        self.manifest = load_manifest(folder)
+        self.hash = manifest_hash(folder)
+        if split not in self.manifest["splits"]:
+            raise ShardError(f"{folder}: no split {split!r} in the manifest")
+        self.readers = [
+            ShardReader(folder / "shards" / s["name"])
+            for s in self.manifest["shards"]
+            if s["split"] == split and s["records"] > 0
+        ]
+        self.bounds = np.cumsum([0] + [len(r) for r in self.readers])
+        settings = self.manifest["settings"]
+        self.lm_views = tuple(settings["lm_views"])
+        self.lm_loss_views = tuple(settings["lm_loss_views"])
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def record(self, i: int) -> list[np.ndarray]:
+        shard = int(np.searchsorted(self.bounds, i, side="right")) - 1
+        return self.readers[shard].record(i - int(self.bounds[shard]))
+
+
+class PackedDataset:
+    def __init__(
+        self,
+        paths: Sequence[str | Path] | str | Path,
+        *,
+        seq_len: int,
+        predictor_tokens: int = 1,
+        pairs: packing.PairMode = "first",
+        weights: Sequence[float] | None = None,
+        split: str = "train",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        overlong: packing.OverlongPolicy = "truncate",
+        shuffle: bool = True,
+        loop: bool = True,
+        verify_checksums: bool = False,
+    ):
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths:
+            raise ValueError("PackedDataset needs at least one shard folder")
+        if weights is not None and (len(weights) != len(paths) or any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError(f"weights must be {len(paths)} non-negative numbers with a positive sum, got {weights}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.sources = [_Source(Path(p), split, verify_checksums) for p in paths]
+        hashes = {s.manifest["tokenizer"]["hash"] for s in self.sources}
+        if len(hashes) > 1:
+            raise ShardError(f"shard folders {paths} were made with different tokenizers")
+        tok = self.sources[0].manifest["tokenizer"]
+        ids = tok["special_ids"]
+        self.specials = packing.SpecialIds(
+            bos=ids["bos"], eos=ids["eos"], pad=ids["pad"], view_sep=ids["view_sep"],
+            predictors=tuple(ids["predictors"]),
+        )  # fmt: skip
+        self.vocab_size = int(tok["vocab_size"])
+        self.tokenizer_dir = self.sources[0].folder / tok["dir"]
+        self.manifest_hash = hashlib.sha256("".join(s.hash for s in self.sources).encode()).hexdigest()
+        self._configs = [
+            packing.PackingConfig(
+                seq_len=seq_len, specials=self.specials, predictor_tokens=predictor_tokens,
+                pairs=pairs, lm_views=s.lm_views, lm_loss_views=s.lm_loss_views, overlong=overlong,
+            )  # fmt: skip
+            for s in self.sources
+        ]
+        self.seq_len = seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle, self.loop = shuffle, loop
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+        if self.offsets[-1] == 0:
+            raise ShardError(f"{paths}: split {split!r} holds no records")
+        self.stats = packing.PackStats(seq_len=seq_len)
+        self._set_position(epoch=0, layers=[], cursor=0)
+
+    # -- order ---------------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All sample ids of one epoch, in global order (before the split among ranks)."""
+        sizes = [len(s) for s in self.sources]
+        if self.weights is None:
+            counts = sizes
+        else:
+            total, wsum = sum(sizes), sum(self.weights)
+            counts = [int(round(w / wsum * total)) if n else 0 for w, n in zip(self.weights, sizes)]
+        parts = []
+        for i, (n, count) in enumerate(zip(sizes, counts)):
+            reps = -(-count // n) if n else 0
+            draws = [
+                np.random.default_rng([self.seed, epoch, i, rep]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+                for rep in range(reps)
+            ]
+            if draws:
+                parts.append(self.offsets[i] + np.concatenate(draws)[:count])
+        order = np.concatenate(parts).astype(np.int64)
+        if self.shuffle:
+            order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
+        return order
+
+    def _set_position(self, epoch: int, layers: list[dict], cursor: int) -> None:
+        remaining = self.epoch_order(epoch)
+        for layer in layers:  # drop what ranks of an earlier world size consumed
+            w, cursors = layer["world_size"], np.asarray(layer["cursors"])
+            idx = np.arange(len(remaining))
+            remaining = remaining[(idx // w) >= cursors[idx % w]]
+        self.epoch, self._layers, self._cursor = epoch, layers, cursor
+        self._part = remaining[self.rank :: self.world_size]
+
+    # -- records and rows ----------------------------------------------------------------------
+
+    def record(self, sample_id: int) -> tuple[int, list[np.ndarray]]:
+        """(source index, views) of a global sample id."""
+        src = int(np.searchsorted(self.offsets, sample_id, side="right")) - 1
+        return src, self.sources[src].record(int(sample_id - self.offsets[src]))
+
+    def _next_row(self, with_jepa: bool) -> dict[str, np.ndarray] | None:
+        layouts, ids, used = [], [], 0
+        while True:
+            if self._cursor >= len(self._part):
+                if layouts or not self.loop:
+                    break
+                self._set_position(self.epoch + 1, [], 0)
+                continue
+            sid = int(self._part[self._cursor])
+            src, views = self.record(sid)
+            layout = packing.fit_record(views, self._configs[src], with_jepa, self.stats)
+            if layout is None:  # skipped by the overlong policy (counted in stats)
+                self._cursor += 1
+                self.stats.records += 1
+                continue
+            if used + len(layout) > self.seq_len:
+                break  # the record opens the next row; the cursor stays on it
+            layouts.append(layout)
+            ids.append(sid)
+            used += len(layout)
+            self._cursor += 1
+            self.stats.records += 1
+        if not layouts:
+            return None
+        row = packing.assemble_row(layouts, ids, self._configs[0])
+        self.stats.rows += 1
+        self.stats.tokens += used
+        self.stats.jepa_pairs += len(row["pred_index"])
+        return row
+
+    def next_rows(self, n: int, with_jepa: bool = True) -> list[dict[str, np.ndarray]]:
+        rows = []
+        for _ in range(n):
+            row = self._next_row(with_jepa)
+            if row is None:
+                break
+            rows.append(row)
+        return rows
+
+    def next_batch(self, batch_size: int, with_jepa: bool = True) -> dict[str, np.ndarray] | None:
+        """`batch_size` packed rows collated (packing.collate_rows); fewer at the end of a
+        non-looping split, None once it is exhausted."""
+        rows = self.next_rows(batch_size, with_jepa)
+        return packing.collate_rows(rows) if rows else None
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's position; combine all ranks' with `merge_states` before saving."""
+        return {
+            "version": STATE_VERSION, "seed": self.seed, "manifest_hash": self.manifest_hash,
+            "world_size": self.world_size, "rank": self.rank, "epoch": self.epoch,
+            "layers": self._layers, "cursor": self._cursor, "part_len": len(self._part),
+        }  # fmt: skip
+
+    @staticmethod
+    def merge_states(states: Sequence[dict]) -> dict:
+        states = sorted(states, key=lambda s: s["rank"])
+        w = states[0]["world_size"]
+        if [s["rank"] for s in states] != list(range(w)) or any(s["world_size"] != w for s in states):
+            raise ValueError(f"merge_states needs one state per rank of world size {w}")
+        keep = ("epoch", "layers", "cursor", "part_len")
+        return {
+            "version": STATE_VERSION, "seed": states[0]["seed"],
+            "manifest_hash": states[0]["manifest_hash"], "world_size": w,
+            "ranks": [{k: s[k] for k in keep} for s in states],
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION or "ranks" not in state:
+            raise ValueError("load_state_dict expects a state from PackedDataset.merge_states")
+        if state["seed"] != self.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, this dataset uses {self.seed}")
+        ranks = state["ranks"]
+        if state["world_size"] == self.world_size:
+            mine = ranks[self.rank]
+            self._set_position(mine["epoch"], mine["layers"], mine["cursor"])
+            return
+        epoch = min(r["epoch"] for r in ranks)
+        behind = next(r for r in ranks if r["epoch"] == epoch)
+        cursors = [r["cursor"] if r["epoch"] == epoch else r["part_len"] for r in ranks]
+        layer = {"world_size": state["world_size"], "cursors": cursors}
+        self._set_position(epoch, [*behind["layers"], layer], 0)

@@ -1,0 +1,383 @@
+"""Offline preprocessing: raw records → multi-view token shards + manifest.json.
+
+    python -m data_pipeline.preprocess --inputs 'corpus/*.jsonl' --views messages \
+        --tokenizer TOK_DIR --out SHARDS_DIR --num_workers 2 --max_record_tokens 1024 \
+        --val_fraction 0.05 [--strict] [--shard_index I --shard_count N]
+
+The inputs are cut into work units (data_pipeline.sources.plan_units); unit u becomes the shards
+`shards/u.train` and `shards/u.val`. Units are independent, so the output is byte-identical for
+any number of workers, and a Slurm array splits them with --shard_index/--shard_count. A finished
+unit leaves `shards/u.json`; a rerun skips those and redoes the rest. Whoever finds every unit
+finished writes manifest.json. Format: data_pipeline/README.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline import shards as shard_io
+from data_pipeline.sources import (
+    SKIP_REASONS,
+    InputError,
+    SkipRecord,
+    Unit,
+    ViewSpec,
+    expand_inputs,
+    iter_unit,
+    plan_units,
+)
+
+SCHEMA_VERSION = 1
+MAX_SKIP_EXAMPLES = 5
+ENCODE_BATCH = 256
+SPLITS = ("train", "val")
+
+
+class StrictError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the bytes of the output (recorded in plan.json / manifest)."""
+
+    views: ViewSpec
+    tokenizer_hash: str
+    vocab_size: int
+    dtype: str
+    max_record_tokens: int
+    val_fraction: float
+    shard_bytes: int
+    lm_views: tuple[int, ...]
+    lm_loss_views: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "views": {"mode": self.views.mode, "names": list(self.views.names),
+                      "system_prompt": self.views.system_prompt},
+            "tokenizer_hash": self.tokenizer_hash, "vocab_size": self.vocab_size,
+            "dtype": self.dtype, "max_record_tokens": self.max_record_tokens,
+            "val_fraction": self.val_fraction, "shard_bytes": self.shard_bytes,
+            "lm_views": list(self.lm_views), "lm_loss_views": list(self.lm_loss_views),
+        }  # fmt: skip
+
+
+def is_validation(views: list[str], val_fraction: float) -> bool:
+    """Stable per-record split: a hash of the record's content, not of its position."""
+    if val_fraction <= 0:
+        return False
+    h = hashlib.blake2b("\x1f".join(views).encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(h.digest(), "little") / 2**64 < val_fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# One work unit (runs in a worker process)
+
+_worker_tokenizer = None
+
+
+def _load_backend(tokenizer_json: str):
+    """The Rust tokenizer alone: workers need no torch/transformers import."""
+    global _worker_tokenizer
+    if _worker_tokenizer is None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(tokenizer_json)
+        tok.encode_special_tokens = True  # "<|view_sep|>" typed in user text stays plain text
+        _worker_tokenizer = tok
+    return _worker_tokenizer
+
+
+def process_unit(args: tuple) -> dict:
+    unit_id, unit, settings, tokenizer_json, out_dir, strict = args
+    tok = _load_backend(tokenizer_json)
+    shard_dir = Path(out_dir) / "shards"
+    dtype = shard_io.np.dtype(settings.dtype)
+    n_views = len(settings.views.names)
+    writers = {s: shard_io.ShardWriter(shard_dir / f"{unit_id:05d}.{s}", n_views, dtype) for s in SPLITS}
+    skipped: Counter = Counter()
+    examples: list[str] = []
+    input_records = 0
+
+    def skip(location: str, err: SkipRecord) -> None:
+        if strict:
+            raise StrictError(f"{location}: {err.reason}: {err.detail}")
+        skipped[err.reason] += 1
+        if len(examples) < MAX_SKIP_EXAMPLES:
+            examples.append(f"{location}: {err.reason}: {err.detail}")
+
+    def flush(pending: list[tuple[str, list[str]]]) -> None:
+        flat = [t for _, views in pending for t in views]
+        encoded = [e.ids for e in tok.encode_batch(flat, add_special_tokens=False)]
+        for i, (location, views) in enumerate(pending):
+            ids = encoded[i * n_views : (i + 1) * n_views]
+            n = sum(len(v) for v in ids)
+            if n > settings.max_record_tokens:
+                skip(location, SkipRecord("too_long", f"{n} tokens > {settings.max_record_tokens}"))
+            elif any(len(v) == 0 for v in ids):
+                skip(location, SkipRecord("empty_view", "a view has no tokens"))
+            else:
+                split = "val" if is_validation(views, settings.val_fraction) else "train"
+                writers[split].add(ids)
+        pending.clear()
+
+    try:
+        pending: list[tuple[str, list[str]]] = []
+        for location, record in iter_unit(unit):
+            input_records += 1
+            if isinstance(record, SkipRecord):
+                skip(location, record)
+                continue
+            try:
+                pending.append((location, settings.views.extract(record)))
+            except SkipRecord as err:
+                skip(location, err)
+            if len(pending) >= ENCODE_BATCH:
+                flush(pending)
+        flush(pending)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+    meta = {"unit": unit.to_dict(), "input_records": input_records, "skipped": dict(skipped),
+            "skip_examples": examples, "shards": []}  # fmt: skip
+    for split, w in writers.items():
+        w.close()
+        prefix = shard_dir / f"{unit_id:05d}.{split}"
+        meta["shards"].append({
+            "name": prefix.name, "split": split, "records": w.n_records, "tokens": w.n_tokens,
+            "view_tokens": w.view_tokens,
+            "bin_bytes": os.path.getsize(f"{prefix}.bin"), "idx_bytes": os.path.getsize(f"{prefix}.idx"),
+            "bin_sha256": shard_io.sha256_file(f"{prefix}.bin"),
+            "idx_sha256": shard_io.sha256_file(f"{prefix}.idx"),
+        })  # fmt: skip
+    # The unit's json is its completion marker: written last, atomically.
+    shard_io.write_atomic(shard_dir / f"{unit_id:05d}.json", _dumps(meta))
+    return meta
+
+
+def _dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def unit_is_done(out_dir: Path, unit_id: int) -> dict | None:
+    """The unit's metadata if its shards are complete, else None (partial output is redone)."""
+    meta_path = out_dir / "shards" / f"{unit_id:05d}.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    for s in meta["shards"]:
+        for ext in ("bin", "idx"):
+            p = out_dir / "shards" / f"{s['name']}.{ext}"
+            if not p.exists() or p.stat().st_size != s[f"{ext}_bytes"]:
+                return None
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def build_manifest(out_dir: Path, settings: Settings, inputs: list[Path], metas: list[dict],
+                   specials: dict) -> dict:  # fmt: skip
+    shards, skipped, examples = [], Counter(), []
+    input_records = 0
+    for meta in metas:
+        input_records += meta["input_records"]
+        skipped.update(meta["skipped"])
+        examples.extend(meta["skip_examples"])
+        shards.extend({**s, "unit": meta["unit"]} for s in meta["shards"])
+    splits = {}
+    for split in SPLITS:
+        part = [s for s in shards if s["split"] == split]
+        view_tokens = [sum(s["view_tokens"][j] for s in part) for j in range(len(settings.views.names))]
+        splits[split] = {"records": sum(s["records"] for s in part),
+                         "tokens": sum(s["tokens"] for s in part), "view_tokens": view_tokens}  # fmt: skip
+    written = sum(v["records"] for v in splits.values())
+    assert input_records == written + sum(skipped.values()), "record accounting is broken"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tokenizer": {"hash": settings.tokenizer_hash, "vocab_size": settings.vocab_size,
+                      "dir": "tokenizer", "special_ids": specials},  # fmt: skip
+        "settings": settings.to_dict(),
+        "inputs": [{"path": str(p), "bytes": _input_bytes(p)} for p in inputs],
+        "input_records": input_records,
+        "written_records": written,
+        "skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
+        "skip_examples": examples[:MAX_SKIP_EXAMPLES],
+        "splits": splits,
+        "shards": shards,
+    }
+
+
+def _input_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+def _copy_tokenizer(src: Path, out_dir: Path) -> None:
+    dst = out_dir / "tokenizer"
+    if dst.exists():
+        return
+    tmp = out_dir / f"tokenizer.tmp{os.getpid()}"
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    try:
+        os.replace(tmp, dst)
+    except OSError:  # another task published it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_plan(out_dir: Path, plan: dict) -> None:
+    """Refuse to mix outputs of different settings in one folder; concurrent tasks agree."""
+    path = out_dir / "plan.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != plan:
+            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            raise InputError(
+                f"{out_dir} holds output made with other settings (differs in: {', '.join(diff)}); "
+                "use a new --out folder"
+            )
+    else:
+        shard_io.write_atomic(path, _dumps(plan))
+
+
+def _parse_views_list(value, n_views: int, name: str) -> tuple[int, ...]:
+    if value in (None, "all"):
+        return tuple(range(n_views))
+    items = [value] if isinstance(value, int) else str(value).replace("(", "").replace(")", "").split(",")
+    views = tuple(int(v) for v in items if str(v).strip() != "")
+    if not views or any(not 0 <= v < n_views for v in views):
+        raise InputError(f"--{name}: view indices must lie in 0..{n_views - 1}, got {value!r}")
+    return views
+
+
+def preprocess(
+    inputs,
+    views,
+    tokenizer: str,
+    out: str,
+    num_workers: int = 1,
+    max_record_tokens: int = 1024,
+    val_fraction: float = 0.05,
+    strict: bool = False,
+    system_prompt: str = "drop",
+    lm_views="all",
+    lm_loss_views="all",
+    shard_bytes: int = 64 << 20,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    progress: bool = True,
+) -> dict | None:
+    """Runs this task's units; returns the manifest once every unit of the output is done."""
+    from data_pipeline.tokenizer import load_tokenizer, special_token_ids, tokenizer_hash
+
+    if not 0 <= shard_index < shard_count:
+        raise InputError(f"--shard_index must lie in 0..{shard_count - 1}, got {shard_index}")
+    if not 0 <= val_fraction < 1:
+        raise InputError(f"--val_fraction must lie in [0, 1), got {val_fraction}")
+    spec = ViewSpec.parse(views, system_prompt)
+    paths = expand_inputs(inputs)
+    tok_dir = Path(tokenizer)
+    if not (tok_dir / "tokenizer.json").exists():
+        raise InputError(f"--tokenizer {tok_dir}: no tokenizer.json (make one with data_pipeline.tokenizer)")
+    tok = load_tokenizer(tok_dir)
+    specials = special_token_ids(tok)
+    lm = _parse_views_list(lm_views, len(spec.names), "lm_views")
+    if lm[0] != 0:
+        raise InputError(f"--lm_views must start with view 0, got {lm_views!r}")
+    settings = Settings(
+        views=spec, tokenizer_hash=tokenizer_hash(tok_dir), vocab_size=len(tok),
+        dtype=shard_io.dtype_for_vocab(len(tok)).str, max_record_tokens=max_record_tokens,
+        val_fraction=val_fraction, shard_bytes=shard_bytes, lm_views=lm,
+        lm_loss_views=_parse_views_list(lm_loss_views, len(spec.names), "lm_loss_views"),
+    )  # fmt: skip
+    out_dir = Path(out)
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    units = plan_units(paths, shard_bytes)
+    _check_plan(out_dir, {"settings": settings.to_dict(), "inputs": [str(p) for p in paths],
+                          "units": [u.to_dict() for u in units]})  # fmt: skip
+    _copy_tokenizer(tok_dir, out_dir)
+
+    mine = [i for i in range(len(units)) if i % shard_count == shard_index]
+    todo = [i for i in mine if unit_is_done(out_dir, i) is None]
+    _run_units(todo, units, settings, str(tok_dir / "tokenizer.json"), out_dir, strict,
+               num_workers, progress, n_done=len(mine) - len(todo))  # fmt: skip
+
+    metas = [unit_is_done(out_dir, i) for i in range(len(units))]
+    if any(m is None for m in metas):
+        missing = sum(m is None for m in metas)
+        print(f"[preprocess] {missing} of {len(units)} units belong to other tasks and are not done yet; "
+              "the last task to finish writes manifest.json", file=sys.stderr)  # fmt: skip
+        return None
+    manifest = build_manifest(out_dir, settings, paths, metas, specials)
+    shard_io.write_atomic(out_dir / "manifest.json", _dumps(manifest))
+    return manifest
+
+
+def _run_units(todo, units, settings, tokenizer_json, out_dir, strict, num_workers, progress, n_done):
+    from tqdm import tqdm
+
+    jobs = [(i, units[i], settings, tokenizer_json, str(out_dir), strict) for i in todo]
+    bar = tqdm(total=len(todo), unit="shard", disable=not progress, desc="preprocess",
+               initial=0, dynamic_ncols=True)  # fmt: skip
+    if n_done:
+        bar.write(f"[preprocess] {n_done} finished shards found, skipped")
+    t0, records, tokens = time.perf_counter(), 0, 0
+    ctx = mp.get_context("spawn")  # workers start clean: no forked tokenizer thread pools
+    pool = ctx.Pool(num_workers) if num_workers > 1 and len(jobs) > 1 else None
+    try:
+        results = pool.imap_unordered(process_unit, jobs) if pool else map(process_unit, jobs)
+        for meta in results:
+            records += sum(s["records"] for s in meta["shards"])
+            tokens += sum(s["tokens"] for s in meta["shards"])
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(records=records, tok_per_s=f"{tokens / dt:,.0f}")
+            bar.update(1)
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+        bar.close()
+
+
+def _summarize(manifest: dict, out: str) -> None:
+    sk = {k: v for k, v in manifest["skipped"].items() if v}
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    print(f"[preprocess] {manifest['input_records']} records read: {tr['records']} train "
+          f"({tr['tokens']} tokens), {va['records']} val ({va['tokens']} tokens), "
+          f"{sum(sk.values())} skipped {sk or ''} -> {out}/manifest.json")  # fmt: skip
+    for ex in manifest["skip_examples"]:
+        print(f"[preprocess]   skipped {ex}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import functools
+
+    import fire
+
+    @functools.wraps(preprocess)  # fire reads preprocess's signature: unknown flags are errors
+    def run(*args, **kwargs):
+        manifest = preprocess(*args, **kwargs)
+        if manifest is not None:
+            _summarize(manifest, str(kwargs.get("out", args[3] if len(args) > 3 else "")))
+
+    try:
+        fire.Fire(run, command=argv, name="data_pipeline.preprocess")
+    except (InputError, StrictError, shard_io.ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

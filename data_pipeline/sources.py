@@ -1,0 +1,309 @@
+"""Reading raw inputs: file discovery, work units, streaming record readers, view extraction.
+
+Inputs are JSONL (plain or .gz), Parquet, and `datasets` folders written by `save_to_disk`. Every
+reader streams: a work unit covers a byte range of a JSONL file, a run of Parquet row groups, or a
+row range of a datasets folder, so memory does not grow with the size of the input.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SKIP_REASONS = ("bad_json", "bad_utf8", "bad_record", "missing_view", "empty_view", "too_long")
+_SCAN_BLOCK = 1 << 24  # 16 MiB reads while planning JSONL splits
+
+
+class InputError(ValueError):
+    """Unusable input (no files, unknown format, bad --views); the message is one line."""
+
+
+class SkipRecord(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and work units
+
+
+def input_kind(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / "state.json").exists() or (path / "dataset_info.json").exists():
+            return "hf_disk"
+        raise InputError(f"{path}: a folder but not a `datasets` save_to_disk folder")
+    if name.endswith((".jsonl.gz", ".json.gz")):
+        return "jsonl_gz"
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise InputError(f"{path}: unknown input format (expected .jsonl, .jsonl.gz, .parquet or a datasets folder)")
+
+
+def expand_inputs(inputs: str | list[str] | tuple[str, ...]) -> list[Path]:
+    """Globs (a string, a comma-separated string, or a list) → sorted unique existing paths."""
+    patterns = inputs.split(",") if isinstance(inputs, str) else list(inputs)
+    paths: list[Path] = []
+    for pattern in (p.strip() for p in patterns if p.strip()):
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise InputError(f"--inputs: {pattern!r} matches no file")
+        paths.extend(Path(m) for m in matches)
+    if not paths:
+        raise InputError("--inputs: no input given")
+    seen, unique = set(), []
+    for p in paths:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A slice of one input file, processed into one output shard (per split)."""
+
+    path: str
+    kind: str
+    start: int  # byte offset (jsonl) or first row (parquet row group index / datasets row)
+    end: int  # exclusive
+    first_line: int = 1  # line number of the first record (jsonl)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_units(paths: list[Path], shard_bytes: int) -> list[Unit]:
+    """Deterministic cut of the inputs into units of about `shard_bytes` of raw input."""
+    units: list[Unit] = []
+    for path in paths:
+        kind = input_kind(path)
+        if kind == "jsonl":
+            units.extend(_plan_jsonl(path, shard_bytes))
+        elif kind == "jsonl_gz":  # gzip cannot seek: one unit per file
+            units.append(Unit(str(path), kind, 0, path.stat().st_size))
+        elif kind == "parquet":
+            units.extend(_plan_parquet(path, shard_bytes))
+        else:
+            units.extend(_plan_hf_disk(path, shard_bytes))
+    return units
+
+
+def _plan_jsonl(path: Path, shard_bytes: int) -> list[Unit]:
+    """Splits at the first line start at or after each multiple of shard_bytes, counting lines on
+    the way (one sequential read) so that skipped records can be reported as file:line."""
+    size = path.stat().st_size
+    units, start, start_line = [], 0, 1
+    lines_before, pos, next_cut = 0, 0, shard_bytes
+    with open(path, "rb") as f:
+        while pos < size:
+            block = f.read(_SCAN_BLOCK)
+            if not block:
+                break
+            while next_cut < pos + len(block):
+                nl = block.find(b"\n", max(0, next_cut - pos - 1))
+                if nl < 0:
+                    break  # the line crosses into the next block
+                cut = pos + nl + 1
+                line_no = lines_before + block.count(b"\n", 0, nl + 1) + 1
+                if cut < size:
+                    units.append(Unit(str(path), "jsonl", start, cut, start_line))
+                    start, start_line = cut, line_no
+                next_cut = max(cut, next_cut) + shard_bytes
+            lines_before += block.count(b"\n")
+            pos += len(block)
+    units.append(Unit(str(path), "jsonl", start, size, start_line))
+    return units
+
+
+def _plan_parquet(path: Path, shard_bytes: int) -> list[Unit]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    units, start, acc = [], 0, 0
+    for g in range(meta.num_row_groups):
+        acc += meta.row_group(g).total_byte_size
+        if acc >= shard_bytes:
+            units.append(Unit(str(path), "parquet", start, g + 1))
+            start, acc = g + 1, 0
+    if start < meta.num_row_groups or not units:
+        units.append(Unit(str(path), "parquet", start, meta.num_row_groups))
+    return units
+
+
+def _plan_hf_disk(path: Path, shard_bytes: int) -> list[Unit]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))  # memory-mapped Arrow, nothing is read yet
+    if isinstance(ds, datasets.DatasetDict):
+        raise InputError(f"{path}: a DatasetDict; pass one split's folder (e.g. {path}/train)")
+    n = len(ds)
+    total = sum(f.stat().st_size for f in path.glob("*.arrow")) or 1
+    rows_per_unit = max(1, int(n * shard_bytes / total))
+    return [
+        Unit(str(path), "hf_disk", s, min(n, s + rows_per_unit)) for s in range(0, n, rows_per_unit)
+    ] or [Unit(str(path), "hf_disk", 0, 0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming records: (location, record dict) or (location, SkipRecord)
+
+
+def iter_unit(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+    if unit.kind in ("jsonl", "jsonl_gz"):
+        yield from _iter_jsonl(unit)
+    elif unit.kind == "parquet":
+        yield from _iter_parquet(unit)
+    else:
+        yield from _iter_hf_disk(unit)
+
+
+def _parse_json_line(raw: bytes) -> dict | SkipRecord:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return SkipRecord("bad_utf8", f"byte {e.start}")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return SkipRecord("bad_json", e.msg)
+    if not isinstance(record, dict):
+        return SkipRecord("bad_record", f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def _iter_jsonl(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+    if unit.kind == "jsonl_gz":
+        f = gzip.open(unit.path, "rb")
+    else:
+        f = open(unit.path, "rb")
+        f.seek(unit.start)
+    with f:
+        pos, line_no = unit.start, unit.first_line
+        for raw in f:
+            if unit.kind == "jsonl" and pos >= unit.end:
+                break
+            pos += len(raw)
+            if raw.strip():  # blank lines are not records
+                yield f"{unit.path}:{line_no}", _parse_json_line(raw)
+            line_no += 1
+
+
+def _iter_parquet(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(unit.path)
+    row = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
+    for g in range(unit.start, unit.end):
+        for batch in pf.iter_batches(batch_size=1024, row_groups=[g]):
+            for record in batch.to_pylist():
+                yield f"{unit.path}:row {row}", record
+                row += 1
+
+
+def _iter_hf_disk(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+    import datasets
+
+    ds = datasets.load_from_disk(unit.path)
+    for start in range(unit.start, unit.end, 1024):
+        batch = ds[start : min(unit.end, start + 1024)]
+        names = list(batch)
+        for i in range(len(batch[names[0]]) if names else 0):
+            yield f"{unit.path}:row {start + i}", {n: batch[n][i] for n in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How a record becomes views: `messages` (chat), `text` (one field), or named fields."""
+
+    mode: str  # "messages" | "fields"
+    fields: tuple[str, ...] = ()
+    system_prompt: str = "drop"  # messages only: "drop" or "prefix" (prepended to the user view)
+
+    @classmethod
+    def parse(cls, views: str | list[str] | tuple[str, ...], system_prompt: str = "drop") -> ViewSpec:
+        if system_prompt not in ("drop", "prefix"):
+            raise InputError(f"--system_prompt must be 'drop' or 'prefix', got {system_prompt!r}")
+        names = views.split(",") if isinstance(views, str) else list(views)
+        names = [n.strip() for n in names if n.strip()]
+        if not names:
+            raise InputError("--views: give `messages`, `text`, or comma-separated field names")
+        if names == ["messages"]:
+            return cls("messages", ("user", "assistant"), system_prompt)
+        if len(set(names)) != len(names):
+            raise InputError(f"--views: a field is named twice in {names}")
+        return cls("fields", tuple(names), system_prompt)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.fields
+
+    def extract(self, record: dict) -> list[str]:
+        """The record's views as strings, or SkipRecord(missing_view / empty_view / bad_record)."""
+        if self.mode == "messages":
+            return self._extract_messages(record)
+        views = []
+        for name in self.fields:
+            value = record.get(name)
+            if value is None:
+                raise SkipRecord("missing_view", f"no field {name!r}")
+            if not isinstance(value, str):
+                raise SkipRecord("bad_record", f"field {name!r} is a {type(value).__name__}")
+            if not value.strip():
+                raise SkipRecord("empty_view", f"field {name!r} is empty")
+            views.append(value)
+        return views
+
+    def _extract_messages(self, record: dict) -> list[str]:
+        messages = record.get("messages")
+        if not isinstance(messages, list):
+            raise SkipRecord("missing_view", "no `messages` list")
+        by_role: dict[str, str] = {}
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise SkipRecord("bad_record", "a message without string `content`")
+            role = m.get("role")
+            if role in by_role:
+                raise SkipRecord("bad_record", f"more than one {role!r} message")
+            by_role[role] = m["content"]
+        for role in ("user", "assistant"):
+            if role not in by_role:
+                raise SkipRecord("missing_view", f"no {role} message")
+            if not by_role[role].strip():
+                raise SkipRecord("empty_view", f"empty {role} message")
+        user = by_role["user"]
+        if self.system_prompt == "prefix" and by_role.get("system", "").strip():
+            user = f"{by_role['system']}\n\n{user}"
+        return [user, by_role["assistant"]]
+
+
+def iter_view_texts(
+    inputs: str | list[str], views: str | list[str], system_prompt: str = "drop"
+) -> Iterator[str]:
+    """The text of every view of every valid record (tokenizer training). Bad records are
+    skipped here; preprocessing counts them."""
+    spec = ViewSpec.parse(views, system_prompt)
+    for unit in plan_units(expand_inputs(inputs), shard_bytes=1 << 62):
+        for _, record in iter_unit(unit):
+            if isinstance(record, SkipRecord):
+                continue
+            try:
+                yield from spec.extract(record)
+            except SkipRecord:
+                continue
