@@ -78,8 +78,12 @@ class PackedDataset:
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise ValueError("PackedDataset needs at least one shard folder")
-        if weights is not None and (len(weights) != len(paths) or any(w < 0 for w in weights) or sum(weights) <= 0):
-            raise ValueError(f"weights must be {len(paths)} non-negative numbers with a positive sum, got {weights}")
+        if weights is not None and (
+            len(weights) != len(paths) or any(w < 0 for w in weights) or sum(weights) <= 0
+        ):
+            raise ValueError(
+                f"weights must be {len(paths)} non-negative numbers with a positive sum, got {weights}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.sources = [_Source(Path(p), split, verify_checksums) for p in paths]
@@ -94,11 +98,18 @@ class PackedDataset:
         )  # fmt: skip
         self.vocab_size = int(tok["vocab_size"])
         self.tokenizer_dir = self.sources[0].folder / tok["dir"]
-        self.manifest_hash = hashlib.sha256("".join(s.hash for s in self.sources).encode()).hexdigest()
+        self.manifest_hash = hashlib.sha256(
+            "".join(s.hash for s in self.sources).encode()
+        ).hexdigest()
         self._configs = [
             packing.PackingConfig(
-                seq_len=seq_len, specials=self.specials, predictor_tokens=predictor_tokens,
-                pairs=pairs, lm_views=s.lm_views, lm_loss_views=s.lm_loss_views, overlong=overlong,
+                seq_len=seq_len,
+                specials=self.specials,
+                predictor_tokens=predictor_tokens,
+                pairs=pairs,
+                lm_views=s.lm_views,
+                lm_loss_views=s.lm_loss_views,
+                overlong=overlong,
             )  # fmt: skip
             for s in self.sources
         ]
@@ -213,7 +224,9 @@ class PackedDataset:
     def merge_states(states: Sequence[dict]) -> dict:
         states = sorted(states, key=lambda s: s["rank"])
         w = states[0]["world_size"]
-        if [s["rank"] for s in states] != list(range(w)) or any(s["world_size"] != w for s in states):
+        if [s["rank"] for s in states] != list(range(w)) or any(
+            s["world_size"] != w for s in states
+        ):
             raise ValueError(f"merge_states needs one state per rank of world size {w}")
         keep = ("epoch", "layers", "cursor", "part_len")
         return {
@@ -226,7 +239,9 @@ class PackedDataset:
         if state.get("version") != STATE_VERSION or "ranks" not in state:
             raise ValueError("load_state_dict expects a state from PackedDataset.merge_states")
         if state["seed"] != self.seed:
-            raise ValueError(f"data state was saved with seed {state['seed']}, this dataset uses {self.seed}")
+            raise ValueError(
+                f"data state was saved with seed {state['seed']}, this dataset uses {self.seed}"
+            )
         ranks = state["ranks"]
         if state["world_size"] == self.world_size:
             mine = ranks[self.rank]

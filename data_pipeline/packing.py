@@ -15,8 +15,9 @@ row format: data_pipeline/README.md ("Packing").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -299,8 +300,15 @@ def collate_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     batch["pair_batch_index"] = np.concatenate(
         [np.full(len(r["pred_index"]), b, dtype=np.int64) for b, r in enumerate(rows)]
     )
-    batch["doc_spans"] = np.concatenate(
-        [np.column_stack([np.full(len(r["doc_spans"]), b), r["doc_spans"]]) for b, r in enumerate(rows)]
-    ).astype(np.int64).reshape(-1, 3)  # (D, 3): batch index, start, end
+    batch["doc_spans"] = (
+        np.concatenate(
+            [
+                np.column_stack([np.full(len(r["doc_spans"]), b), r["doc_spans"]])
+                for b, r in enumerate(rows)
+            ]
+        )
+        .astype(np.int64)
+        .reshape(-1, 3)
+    )  # (D, 3): batch index, start, end
     batch["sample_ids"] = np.concatenate([r["sample_ids"] for r in rows])
     return batch

@@ -29,7 +29,6 @@ from data_pipeline.sources import (
     SKIP_REASONS,
     InputError,
     SkipRecord,
-    Unit,
     ViewSpec,
     expand_inputs,
     iter_unit,
@@ -103,44 +102,48 @@ def process_unit(args: tuple) -> dict:
     shard_dir = Path(out_dir) / "shards"
     dtype = shard_io.np.dtype(settings.dtype)
     n_views = len(settings.views.names)
-    writers = {s: shard_io.ShardWriter(shard_dir / f"{unit_id:05d}.{s}", n_views, dtype) for s in SPLITS}
+    writers = {
+        s: shard_io.ShardWriter(shard_dir / f"{unit_id:05d}.{s}", n_views, dtype) for s in SPLITS
+    }
     skipped: Counter = Counter()
-    examples: list[str] = []
+    examples: list[tuple[int, str]] = []  # (record number, text): the first few in input order
     input_records = 0
 
-    def skip(location: str, err: SkipRecord) -> None:
+    def skip(location: str, err: SkipRecord, number: int) -> None:
         if strict:
             raise StrictError(f"{location}: {err.reason}: {err.detail}")
         skipped[err.reason] += 1
-        if len(examples) < MAX_SKIP_EXAMPLES:
-            examples.append(f"{location}: {err.reason}: {err.detail}")
+        examples.append((number, f"{location}: {err.reason}: {err.detail}"))
+        if len(examples) > 4 * MAX_SKIP_EXAMPLES:  # too_long is found later, in batches
+            examples[:] = sorted(examples)[:MAX_SKIP_EXAMPLES]
 
-    def flush(pending: list[tuple[str, list[str]]]) -> None:
-        flat = [t for _, views in pending for t in views]
+    def flush(pending: list[tuple[int, str, list[str]]]) -> None:
+        flat = [t for _, _, views in pending for t in views]
         encoded = [e.ids for e in tok.encode_batch(flat, add_special_tokens=False)]
-        for i, (location, views) in enumerate(pending):
+        for i, (number, location, views) in enumerate(pending):
             ids = encoded[i * n_views : (i + 1) * n_views]
             n = sum(len(v) for v in ids)
             if n > settings.max_record_tokens:
-                skip(location, SkipRecord("too_long", f"{n} tokens > {settings.max_record_tokens}"))
+                too_long = SkipRecord("too_long", f"{n} tokens > {settings.max_record_tokens}")
+                skip(location, too_long, number)
             elif any(len(v) == 0 for v in ids):
-                skip(location, SkipRecord("empty_view", "a view has no tokens"))
+                skip(location, SkipRecord("empty_view", "a view has no tokens"), number)
             else:
                 split = "val" if is_validation(views, settings.val_fraction) else "train"
                 writers[split].add(ids)
         pending.clear()
 
     try:
-        pending: list[tuple[str, list[str]]] = []
+        pending: list[tuple[int, str, list[str]]] = []
         for location, record in iter_unit(unit):
             input_records += 1
             if isinstance(record, SkipRecord):
-                skip(location, record)
+                skip(location, record, input_records)
                 continue
             try:
-                pending.append((location, settings.views.extract(record)))
+                pending.append((input_records, location, settings.views.extract(record)))
             except SkipRecord as err:
-                skip(location, err)
+                skip(location, err, input_records)
             if len(pending) >= ENCODE_BATCH:
                 flush(pending)
         flush(pending)
@@ -150,7 +153,7 @@ def process_unit(args: tuple) -> dict:
         raise
 
     meta = {"unit": unit.to_dict(), "input_records": input_records, "skipped": dict(skipped),
-            "skip_examples": examples, "shards": []}  # fmt: skip
+            "skip_examples": [e for _, e in sorted(examples)[:MAX_SKIP_EXAMPLES]], "shards": []}  # fmt: skip
     for split, w in writers.items():
         w.close()
         prefix = shard_dir / f"{unit_id:05d}.{split}"
@@ -200,15 +203,21 @@ def build_manifest(out_dir: Path, settings: Settings, inputs: list[Path], metas:
     splits = {}
     for split in SPLITS:
         part = [s for s in shards if s["split"] == split]
-        view_tokens = [sum(s["view_tokens"][j] for s in part) for j in range(len(settings.views.names))]
+        view_tokens = [
+            sum(s["view_tokens"][j] for s in part) for j in range(len(settings.views.names))
+        ]
         splits[split] = {"records": sum(s["records"] for s in part),
                          "tokens": sum(s["tokens"] for s in part), "view_tokens": view_tokens}  # fmt: skip
     written = sum(v["records"] for v in splits.values())
     assert input_records == written + sum(skipped.values()), "record accounting is broken"
     return {
         "schema_version": SCHEMA_VERSION,
-        "tokenizer": {"hash": settings.tokenizer_hash, "vocab_size": settings.vocab_size,
-                      "dir": "tokenizer", "special_ids": specials},  # fmt: skip
+        "tokenizer": {
+            "hash": settings.tokenizer_hash,
+            "vocab_size": settings.vocab_size,
+            "dir": "tokenizer",
+            "special_ids": specials,
+        },  # fmt: skip
         "settings": settings.to_dict(),
         "inputs": [{"path": str(p), "bytes": _input_bytes(p)} for p in inputs],
         "input_records": input_records,
@@ -221,7 +230,11 @@ def build_manifest(out_dir: Path, settings: Settings, inputs: list[Path], metas:
 
 
 def _input_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    return (
+        sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        if p.is_dir()
+        else p.stat().st_size
+    )
 
 
 def _copy_tokenizer(src: Path, out_dir: Path) -> None:
@@ -254,7 +267,11 @@ def _check_plan(out_dir: Path, plan: dict) -> None:
 def _parse_views_list(value, n_views: int, name: str) -> tuple[int, ...]:
     if value in (None, "all"):
         return tuple(range(n_views))
-    items = [value] if isinstance(value, int) else str(value).replace("(", "").replace(")", "").split(",")
+    items = (
+        [value]
+        if isinstance(value, int)
+        else str(value).replace("(", "").replace(")", "").split(",")
+    )
     views = tuple(int(v) for v in items if str(v).strip() != "")
     if not views or any(not 0 <= v < n_views for v in views):
         raise InputError(f"--{name}: view indices must lie in 0..{n_views - 1}, got {value!r}")
@@ -289,7 +306,9 @@ def preprocess(
     paths = expand_inputs(inputs)
     tok_dir = Path(tokenizer)
     if not (tok_dir / "tokenizer.json").exists():
-        raise InputError(f"--tokenizer {tok_dir}: no tokenizer.json (make one with data_pipeline.tokenizer)")
+        raise InputError(
+            f"--tokenizer {tok_dir}: no tokenizer.json (make one with data_pipeline.tokenizer)"
+        )
     tok = load_tokenizer(tok_dir)
     specials = special_token_ids(tok)
     lm = _parse_views_list(lm_views, len(spec.names), "lm_views")
@@ -324,7 +343,9 @@ def preprocess(
     return manifest
 
 
-def _run_units(todo, units, settings, tokenizer_json, out_dir, strict, num_workers, progress, n_done):
+def _run_units(
+    todo, units, settings, tokenizer_json, out_dir, strict, num_workers, progress, n_done
+):
     from tqdm import tqdm
 
     jobs = [(i, units[i], settings, tokenizer_json, str(out_dir), strict) for i in todo]

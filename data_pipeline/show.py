@@ -1,6 +1,6 @@
 """Prints packed rows decoded back to text, one line per segment, to see what the model sees.
 
-    python -m data_pipeline.show SHARDS_DIR [--rows 2] [--seq_len 256] [--predictor_tokens 1]
+python -m data_pipeline.show SHARDS_DIR [--rows 2] [--seq_len 256] [--predictor_tokens 1]
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def describe_row(row: dict[str, np.ndarray], tok) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.show", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.show", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("folder")
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--seq_len", type=int, default=256)

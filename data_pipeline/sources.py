@@ -46,7 +46,9 @@ def input_kind(path: Path) -> str:
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
-    raise InputError(f"{path}: unknown input format (expected .jsonl, .jsonl.gz, .parquet or a datasets folder)")
+    raise InputError(
+        f"{path}: unknown input format (expected .jsonl, .jsonl.gz, .parquet or a datasets folder)"
+    )
 
 
 def expand_inputs(inputs: str | list[str] | tuple[str, ...]) -> list[Path]:
@@ -237,7 +239,9 @@ class ViewSpec:
     system_prompt: str = "drop"  # messages only: "drop" or "prefix" (prepended to the user view)
 
     @classmethod
-    def parse(cls, views: str | list[str] | tuple[str, ...], system_prompt: str = "drop") -> ViewSpec:
+    def parse(
+        cls, views: str | list[str] | tuple[str, ...], system_prompt: str = "drop"
+    ) -> ViewSpec:
         if system_prompt not in ("drop", "prefix"):
             raise InputError(f"--system_prompt must be 'drop' or 'prefix', got {system_prompt!r}")
         names = views.split(",") if isinstance(views, str) else list(views)

@@ -22,7 +22,9 @@ SCHEMA_VERSION = 1
 def load_manifest(folder: str | Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.exists():
-        raise shard_io.ShardError(f"{path}: missing (preprocessing unfinished, or not a shard folder)")
+        raise shard_io.ShardError(
+            f"{path}: missing (preprocessing unfinished, or not a shard folder)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -58,7 +60,11 @@ def verify_folder(folder: str | Path, full: bool = True) -> list[str]:
             size = Path(f"{prefix}.{ext}").stat().st_size
             if size != s[f"{ext}_bytes"]:
                 problems.append(f"{prefix}.{ext}: {size} bytes, manifest says {s[f'{ext}_bytes']}")
-        if (reader.n_records, reader.n_tokens, reader.n_views) != (s["records"], s["tokens"], n_views):
+        if (reader.n_records, reader.n_tokens, reader.n_views) != (
+            s["records"],
+            s["tokens"],
+            n_views,
+        ):
             problems.append(
                 f"{prefix}: holds {reader.n_records} records / {reader.n_tokens} tokens / "
                 f"{reader.n_views} views, manifest says {s['records']} / {s['tokens']} / {n_views}"
@@ -96,7 +102,9 @@ def _verify_tokenizer(folder: Path, manifest: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.verify", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.verify", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("folders", nargs="+", help="shard folders (each with manifest.json)")
     parser.add_argument("--quick", action="store_true", help="skip checksums (sizes/headers only)")
     args = parser.parse_args(argv)

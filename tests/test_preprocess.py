@@ -1,0 +1,242 @@
+"""Preprocessing: formats, views, round trip, determinism, bad input, restart, memory."""
+
+import filecmp
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BUNDLED, chat, run_module, write_jsonl
+
+from data_pipeline.dataset import PackedDataset
+from data_pipeline.preprocess import preprocess, unit_is_done
+from data_pipeline.shards import ShardReader
+from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.verify import verify_folder
+
+
+def all_records(folder: Path, split: str = "train") -> list[list[list[int]]]:
+    m = json.loads((folder / "manifest.json").read_text())
+    out = []
+    for s in m["shards"]:
+        if s["split"] == split:
+            r = ShardReader(folder / "shards" / s["name"])
+            out.extend([v.tolist() for v in r.record(i)] for i in range(len(r)))
+    return out
+
+
+def run(inputs, out, tok, views="messages", **kw):
+    kw.setdefault("progress", False)
+    return preprocess(str(inputs), views, str(tok), str(out), **kw)
+
+
+def test_round_trip_every_view_decodes_to_its_text(tmp_path, tokenizer_dir):
+    recs = [json.loads(line) for line in (BUNDLED / "test.jsonl").read_text().splitlines()[:300]]
+    recs.append(chat("naïve café — 東京 🙂  two  spaces\nand a newline", "\\d{3}\t[a-z]+"))
+    src = write_jsonl(tmp_path / "in.jsonl", recs)
+    m = run(src, tmp_path / "out", tokenizer_dir, val_fraction=0.0, shard_bytes=20_000)
+    assert m["written_records"] == len(recs) and len(m["shards"]) > 4
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer")
+    decoded = [[tok.decode(v) for v in views] for views in all_records(tmp_path / "out")]
+    expected = [[r["messages"][1]["content"], r["messages"][2]["content"]] for r in recs]
+    assert decoded == expected
+    # ... and through the dataset, read in epoch order, unshuffled
+    ds = PackedDataset(tmp_path / "out", seq_len=512, shuffle=False, loop=False)
+    seen = 0
+    while (b := ds.next_batch(4)) is not None:
+        seen += len(b["sample_ids"])
+    assert seen == len(recs)
+
+
+def test_output_identical_for_any_number_of_workers(tmp_path, tokenizer_dir):
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run(BUNDLED / "train.jsonl", out, tokenizer_dir, num_workers=workers, shard_bytes=300_000)
+        outs.append(out)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert len(files) > 20
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    for f in files:
+        assert filecmp.cmp(outs[0] / f, outs[1] / f, shallow=False), f
+
+
+def test_shard_index_count_split_equals_one_run(tmp_path, tokenizer_dir, bundled_shards):
+    out = tmp_path / "array"
+    kw = dict(num_workers=1, shard_bytes=400_000, val_fraction=0.05)
+    assert (
+        run(BUNDLED / "train.jsonl", out, tokenizer_dir, shard_index=0, shard_count=2, **kw) is None
+    )
+    m = run(BUNDLED / "train.jsonl", out, tokenizer_dir, shard_index=1, shard_count=2, **kw)
+    assert m is not None
+    assert (out / "manifest.json").read_bytes() == (bundled_shards / "manifest.json").read_bytes()
+
+
+BAD = [
+    chat("good one", "a+"),
+    '{"messages": [ this is not json',
+    {"messages": [{"role": "user", "content": "no answer"}]},
+    chat("   ", "b+"),
+    chat("x " * 600, "c+"),
+    chat("good two", "d+"),
+    "[1, 2]",
+]
+
+
+def _bad_input(tmp_path) -> Path:
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD)
+    with open(path, "ab") as f:
+        f.write(b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n')
+    return path
+
+
+def test_bad_input_is_counted_by_reason(tmp_path, tokenizer_dir):
+    path = _bad_input(tmp_path)
+    m = run(path, tmp_path / "out", tokenizer_dir, max_record_tokens=200, val_fraction=0.0)
+    assert m["input_records"] == 8 and m["written_records"] == 2
+    assert m["skipped"] == {"bad_json": 1, "bad_utf8": 1, "bad_record": 1, "missing_view": 1,
+                            "empty_view": 1, "too_long": 1}  # fmt: skip
+    assert m["input_records"] == m["written_records"] + sum(m["skipped"].values())
+    locs = [e.split(": ")[0] for e in m["skip_examples"]]
+    assert locs == [f"{path}:{n}" for n in (2, 3, 4, 5, 7)]  # first five, file:line
+
+
+def test_strict_turns_first_bad_record_into_one_line_error(tmp_path, tokenizer_dir):
+    path = _bad_input(tmp_path)
+    proc = run_module("data_pipeline.preprocess", "--inputs", path, "--views", "messages",
+                      "--tokenizer", tokenizer_dir, "--out", tmp_path / "o", "--strict", check=False)  # fmt: skip
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == [f"error: {path}:2: bad_json: Expecting value"]
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--inputs", "nope/*.jsonl"], "matches no file"),
+        (["--views", ""], "--views"),
+        (["--tokenizer", "/nonexistent"], "no tokenizer.json"),
+        (["--val_fraction", "1.5"], "--val_fraction"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, args, message):
+    base = {"--inputs": str(BUNDLED / "test.jsonl"), "--views": "messages",
+            "--tokenizer": str(tokenizer_dir), "--out": str(tmp_path / "o")}  # fmt: skip
+    base.update(dict(zip(args[::2], args[1::2])))
+    proc = run_module(
+        "data_pipeline.preprocess", *[x for kv in base.items() for x in kv], check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_input_formats_give_the_same_records(tmp_path, tokenizer_dir):
+    import datasets
+
+    rows = [{"question": f"q {i} ünï", "sql": f"SELECT {i}", "text": f"doc {i}"} for i in range(50)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "c.parquet"))
+    ds.save_to_disk(str(tmp_path / "d_disk"))
+    results = {}
+    for name in ("a.jsonl", "b.jsonl.gz", "c.parquet", "d_disk"):
+        m = run(
+            tmp_path / name,
+            tmp_path / f"out_{name}",
+            tokenizer_dir,
+            views="question,sql",
+            val_fraction=0,
+        )
+        assert m["written_records"] == 50 and m["settings"]["views"]["names"] == ["question", "sql"]
+        results[name] = all_records(tmp_path / f"out_{name}")
+    assert all(r == results["a.jsonl"] for r in results.values())
+    m = run(tmp_path / "a.jsonl", tmp_path / "single", tokenizer_dir, views="text", val_fraction=0)
+    assert m["splits"]["train"]["view_tokens"] == [m["splits"]["train"]["tokens"]]
+    # a glob over several files reads them all
+    m = run(
+        f"{tmp_path}/[ab].jsonl*",
+        tmp_path / "glob",
+        tokenizer_dir,
+        views="question,sql",
+        val_fraction=0,
+    )
+    assert m["input_records"] == 100 and len(m["inputs"]) == 2
+
+
+def test_system_prompt_prefix_and_lm_loss_views(tmp_path, tokenizer_dir):
+    src = write_jsonl(tmp_path / "c.jsonl", [chat("what", "ab", system="Sys.")])
+    m = run(
+        src,
+        tmp_path / "p",
+        tokenizer_dir,
+        system_prompt="prefix",
+        lm_loss_views="1",
+        val_fraction=0,
+    )
+    tok = load_tokenizer(tmp_path / "p" / "tokenizer")
+    assert tok.decode(all_records(tmp_path / "p")[0][0]) == "Sys.\n\nwhat"
+    assert m["settings"]["lm_loss_views"] == [1] and m["settings"]["lm_views"] == [0, 1]
+
+
+def test_validation_split_is_stable_and_sized(bundled_shards, tmp_path, tokenizer_dir):
+    m = json.loads((bundled_shards / "manifest.json").read_text())
+    val, train = m["splits"]["val"]["records"], m["splits"]["train"]["records"]
+    assert 0.03 < val / (val + train) < 0.07
+    # the split depends on content, not position: reversed input, same validation records
+    lines = (BUNDLED / "train.jsonl").read_text().splitlines()
+    write_jsonl(tmp_path / "rev.jsonl", lines[::-1])
+    m2 = run(tmp_path / "rev.jsonl", tmp_path / "rev", tokenizer_dir, val_fraction=0.05)
+    assert sorted(all_records(tmp_path / "rev", "val")) == sorted(
+        all_records(bundled_shards, "val")
+    )
+    assert m2["splits"]["val"]["records"] == val
+
+
+def test_rerun_skips_finished_and_redoes_partial_shards(tmp_path, tokenizer_dir):
+    out = tmp_path / "o"
+    run(BUNDLED / "test.jsonl", out, tokenizer_dir, shard_bytes=100_000)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    (out / "shards" / "00002.json").unlink()  # a shard whose task died before finishing
+    (out / "shards" / "00003.train.bin").write_bytes(b"partial")
+    (out / "manifest.json").unlink()
+    m = run(BUNDLED / "test.jsonl", out, tokenizer_dir, shard_bytes=100_000)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert after["00000.train.bin"] == before["00000.train.bin"]  # untouched
+    assert after["00002.train.bin"] != before["00002.train.bin"]  # redone
+    assert unit_is_done(out, 3) is not None and verify_folder(out) == []
+    assert m["input_records"] == 2000
+    with pytest.raises(ValueError, match="other settings"):
+        run(BUNDLED / "test.jsonl", out, tokenizer_dir, shard_bytes=100_000, max_record_tokens=7)
+
+
+MEASURE = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True, capture_output=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def test_memory_does_not_grow_with_input_size(tmp_path, tokenizer_dir):
+    """Peak RSS of a 16x larger input stays within a small budget of the small one's."""
+    text = (BUNDLED / "train.jsonl").read_bytes()
+    (tmp_path / "small.jsonl").write_bytes(text)
+    with open(tmp_path / "big.jsonl", "wb") as f:
+        for _ in range(16):  # ~33 MB
+            f.write(text)
+    peaks = {}
+    for name in ("small", "big"):
+        cmd = [sys.executable, "-c", MEASURE, sys.executable, "-m", "data_pipeline.preprocess",
+               "--inputs", str(tmp_path / f"{name}.jsonl"), "--views", "messages",
+               "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / name),
+               "--shard_bytes", "1000000", "--progress", "False"]  # fmt: skip
+        import subprocess
+
+        peaks[name] = (
+            int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout) / 1024
+        )
+    assert peaks["big"] < peaks["small"] + 48, peaks  # MiB
