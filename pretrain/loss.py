@@ -1,0 +1,169 @@
+"""Losses as pure functions of tensors: logits, hidden states, labels and packed-row indices in,
+scalars out. torch.distributed appears only to gather InfoNCE negatives across ranks, and only
+when a process group exists; DeepSpeed never.
+
+Sums come with their counts so the engine can divide by GLOBAL counts (all ranks × accumulation
+micro-batches): then neither accumulation nor world size changes the objective.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+
+from data_pipeline.packing import IGNORE_INDEX
+
+Distance = Literal["cosine", "l2", "mse", "infonce"]
+DISTANCES: tuple[str, ...] = ("cosine", "l2", "mse", "infonce")
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy, number of loss tokens). logits (B, T, V), labels (B, T)
+    already shifted (labels[t] is the target of position t), IGNORE_INDEX where no loss."""
+    # The fp32 copy of (B·T, V) logits is the largest activation of the step, but bf16
+    # log-softmax over a large vocab loses too much precision.
+    ce = F.cross_entropy(
+        logits.flatten(0, 1).float(),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return ce, (labels != IGNORE_INDEX).sum()
+
+
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor | int
+) -> torch.Tensor:
+    """This micro-batch's share of the mean token loss: its CE sum / loss tokens of the whole step
+    (every rank and micro-batch), so the shares sum to the step's mean."""
+    ce, _ = lm_loss_sum(logits, labels)
+    return ce / global_tokens
+
+
+def gather_pairs(
+    hidden: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pred, target, source), each (P, H): hidden (B, T, H) read at the batch's JEPA pair indices.
+    pred = Pred(Enc(source view)), target = Enc(target view), source = Enc(source view)."""
+    b = batch["pair_batch_index"]  # (P,)
+    return (
+        hidden[b, batch["pred_index"]],
+        hidden[b, batch["target_index"]],
+        hidden[b, batch["source_index"]],
+    )
+
+
+def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(rows of x from every rank in rank order, offset of this rank's rows). Gradients flow back
+    to each rank's own rows. Ranks may hold different numbers of rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]  # host sync, once per InfoNCE step
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))  # all_gather needs equal shapes
+    # The autograd all_gather returns to each rank the sum over ranks of the gradients of its
+    # rows: the gradient of the global objective, not just of this rank's loss.
+    parts = dist_fn.all_gather(padded)
+    gathered = torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return gathered, sum(sizes[: dist.get_rank()])
+
+
+def _infonce_per_pair(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(P,) cross-entropy of cosine logits / temperature; the positive of pred i is target i,
+    the negatives every other target of the batch on every rank."""
+    p = F.normalize(pred, dim=-1)
+    t_all, offset = _gather_with_grad(F.normalize(target, dim=-1))  # (P_all, H)
+    logits = p @ t_all.T / temperature  # (P, P_all)
+    positives = offset + torch.arange(p.shape[0], device=p.device)
+    return F.cross_entropy(logits, positives, reduction="none")
+
+
+def _per_pair(
+    pred: torch.Tensor, target: torch.Tensor, distance: Distance, temperature: float
+) -> torch.Tensor:
+    """(P,) distance of each pair, in fp32."""
+    pred, target = pred.float(), target.float()
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(pred, target, dim=-1)
+    if distance == "l2":
+        return torch.linalg.vector_norm(pred - target, dim=-1)
+    if distance == "mse":
+        return (pred - target).pow(2).mean(dim=-1)
+    if distance == "infonce":
+        return _infonce_per_pair(pred, target, temperature)
+    raise ValueError(f"jepa distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def jepa_loss_sum(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    distance: Distance = "cosine",
+    temperature: float = 0.07,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over pairs of d(pred, target), number of pairs). pred, target (P, H). No stop-gradient:
+    both receive gradients. infonce is a collective when a process group exists: every rank
+    must call it, with or without pairs."""
+    losses = _per_pair(pred, target, distance, temperature)  # (P,)
+    return losses.sum(), torch.tensor(losses.shape[0], device=losses.device)
+
+
+def jepa_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    distance: Distance = "cosine",
+    temperature: float = 0.07,
+) -> torch.Tensor:
+    """Mean over pairs of d(pred, target); 0 (still in the graph) when there are no pairs.
+    cosine: 1 − cos; l2: ‖p − t‖₂; mse: mean squared error of the pair; infonce: see
+    jepa_loss_sum (temperature 0.07 as in the LLM-JEPA reference code)."""
+    total, count = jepa_loss_sum(pred, target, distance, temperature)
+    return total / count.clamp(min=1)
+
+
+def view_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Metric: mean cosine similarity of the pairs (NaN without pairs), detached."""
+    return F.cosine_similarity(pred.detach().float(), target.detach().float(), dim=-1).mean()
+
+
+def sample_stp_triples(
+    doc_spans: torch.Tensor, triples_per_doc: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index (N,), positions (N, 3) sorted s < r < t): triples_per_doc uniformly random
+    3-subsets of the positions of each document span [start, end) holding >= 3 tokens.
+    doc_spans (D, 3): batch index, start, end. Sampled on the generator's device (a CPU generator
+    with CUDA spans costs a copy and a sync)."""
+    spans = doc_spans.to(generator.device)
+    spans = spans[spans[:, 2] - spans[:, 1] >= 3].repeat_interleave(triples_per_doc, dim=0)
+    lengths = spans[:, 2] - spans[:, 1]  # (N,)
+    n_max = int(lengths.max()) if len(spans) else 3
+    # The 3 smallest of i.i.d. uniform keys over a span's positions are a uniform 3-subset;
+    # positions past the span's end get keys above every real one.
+    keys = torch.rand(len(spans), n_max, generator=generator, device=generator.device)
+    keys.masked_fill_(torch.arange(n_max, device=keys.device) >= lengths[:, None], 2.0)
+    offsets = keys.topk(3, dim=1, largest=False).indices.sort(dim=1).values  # (N, 3)
+    return spans[:, 0], spans[:, 1:2] + offsets
+
+
+def stp_loss(
+    hidden: torch.Tensor, doc_spans: torch.Tensor, triples_per_doc: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Semantic tube prediction: mean over sampled s < r < t inside one document of
+    1 − cos(h_t − h_r, h_r − h_s). hidden (B, T, H); 0 (still in the graph) without triples.
+    Deterministic given the generator's state."""
+    b, pos = sample_stp_triples(doc_spans, triples_per_doc, generator)
+    if len(b) == 0:
+        return hidden[:0].sum()
+    b, pos = b.to(hidden.device), pos.to(hidden.device)
+    h = hidden[b[:, None], pos].float()  # (N, 3, H): h_s, h_r, h_t
+    return (1.0 - F.cosine_similarity(h[:, 2] - h[:, 1], h[:, 1] - h[:, 0], dim=-1)).mean()
+
+
+def total_loss(lm: torch.Tensor, jepa: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """γ · next-token loss + λ · JEPA (or STP) loss."""
+    return gamma * lm + lam * jepa
