@@ -76,6 +76,11 @@ class PackingConfig:
             )
         if self.lm_views is not None and (not self.lm_views or self.lm_views[0] != 0):
             raise ValueError(f"lm_views must start with view 0, got {self.lm_views}")
+        if self.lm_views is not None and self.lm_loss_views is not None:
+            if not set(self.lm_loss_views) <= set(self.lm_views):
+                raise ValueError(
+                    f"lm_loss_views {self.lm_loss_views} must be a subset of lm_views {self.lm_views}"
+                )
 
 
 @dataclass

@@ -314,11 +314,14 @@ def preprocess(
     lm = _parse_views_list(lm_views, len(spec.names), "lm_views")
     if lm[0] != 0:
         raise InputError(f"--lm_views must start with view 0, got {lm_views!r}")
+    loss_views = _parse_views_list(lm_loss_views, len(spec.names), "lm_loss_views")
+    if not set(loss_views) <= set(lm):
+        raise InputError(f"--lm_loss_views {lm_loss_views!r} must be among --lm_views {lm_views!r}")
     settings = Settings(
         views=spec, tokenizer_hash=tokenizer_hash(tok_dir), vocab_size=len(tok),
         dtype=shard_io.dtype_for_vocab(len(tok)).str, max_record_tokens=max_record_tokens,
         val_fraction=val_fraction, shard_bytes=shard_bytes, lm_views=lm,
-        lm_loss_views=_parse_views_list(lm_loss_views, len(spec.names), "lm_loss_views"),
+        lm_loss_views=lm if lm_loss_views in (None, "all") else loss_views,
     )  # fmt: skip
     out_dir = Path(out)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,5 @@ def test_config_validation():
         cfg(predictor_tokens=4)
     with pytest.raises(ValueError, match="lm_views must start with view 0"):
         cfg(lm_views=(1, 0))
+    with pytest.raises(ValueError, match="subset"):
+        cfg(lm_views=(0,), lm_loss_views=(1,))
