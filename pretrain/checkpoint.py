@@ -1,0 +1,161 @@
+"""Checkpoints: DeepSpeed states + data position + RNG states + resolved config, resumable.
+
+    RUN_DIR/checkpoints/
+        latest                     text file naming the newest complete checkpoint (atomic rename)
+        step_000100/               DeepSpeed's files (ZeRO-3 partitions, one set per rank) plus
+            trainer_state.json     step, counters, merged data-loader state, manifest hash,
+                                   resolved config, DeepSpeed dict, git revision
+            rng/rank_<r>.pt        python / numpy / torch (/ cuda) RNG states of rank r
+
+`latest` is written only after every rank finished writing, so a crash mid-save leaves the previous
+checkpoint in charge. The last `keep_last` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.config import REPO_ROOT
+from pretrain.distributed import all_gather_object, barrier, get_rank, get_world_size, print0
+from pretrain.engine import save_json
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+class DataChangedError(RuntimeError):
+    pass
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    pointer = checkpoint_root(run_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    if not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
+    return path
+
+
+def save_checkpoint(
+    engine: Any,
+    run_dir: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    data_state: dict,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it. `data_state` is this rank's dataset.state_dict()."""
+    from data_pipeline.dataset import PackedDataset
+
+    root = checkpoint_root(run_dir)
+    tag = tag_of(step)
+    path = root / tag
+    merged = PackedDataset.merge_states(all_gather_object(data_state))
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    (path / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), path / "rng" / f"rank_{get_rank()}.pt")
+    if get_rank() == 0:
+        state = {
+            **trainer_state,
+            "step": step,
+            "data_state": merged,
+            "world_size": get_world_size(),
+        }
+        state.setdefault("git_revision", git_revision())
+        save_json(path / "trainer_state.json", state)
+    barrier()
+    if get_rank() == 0:
+        tmp = root / "latest.tmp"
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(root / "latest")
+        _prune(root, keep_last)
+    barrier()
+    print0(f"saved checkpoint {path}")
+    return path
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    tags = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))
+    )
+    for _, p in tags[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(
+    engine: Any, path: Path, manifest_hash: str, allow_data_change: bool
+) -> dict[str, Any]:
+    """Loads model/optimizer states and this rank's RNG states; returns trainer_state (holding the
+    merged data state). Refuses a changed dataset unless allowed."""
+    import json
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["manifest_hash"] != manifest_hash:
+        msg = (
+            f"the dataset changed since checkpoint {path}: manifest hash {state['manifest_hash'][:12]}… "
+            f"→ {manifest_hash[:12]}…. Set checkpoint.allow_data_change=true to resume anyway "
+            "(the data order restarts at epoch 0)"
+        )
+        if not allow_data_change:
+            raise DataChangedError(msg)
+        print0("WARNING: " + msg)
+        state["data_state"] = None
+    load_path, _ = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    rng_file = path / "rng" / f"rank_{get_rank()}.pt"
+    if rng_file.exists() and state.get("world_size") == get_world_size():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

@@ -1,0 +1,97 @@
+"""Entry point: `deepspeed pretrain/main.py CONFIG [dotted.key=value ...] [--dry_run]`.
+
+The same command works under `torchrun --nproc_per_node N` and as a single `python` process:
+
+    deepspeed --num_gpus 8 pretrain/main.py recipes/llama_1b.yaml data.paths=[shards/web]
+    torchrun --nproc_per_node 2 pretrain/main.py recipes/tiny_cpu.yaml optim.lr=1e-3
+    python pretrain/main.py recipes/tiny_cpu.yaml --dry_run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# `python pretrain/main.py` puts pretrain/ on sys.path, not the repo root.
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+
+def print_dry_run(cfg, world_size: int | None = None) -> None:
+    """Prints the resolved config, the DeepSpeed dict and a per-GPU ZeRO-3 memory estimate."""
+    from pretrain.config import build_deepspeed_config, config_to_dict
+    from pretrain.distributed import get_world_size
+    from pretrain.engine import build_hf_config, count_parameters, estimate_memory
+
+    world = world_size or get_world_size()
+    ds_config = build_deepspeed_config(cfg, world)
+    vocab = _vocab_from_manifest(cfg)
+    n_params, n_emb = count_parameters(build_hf_config(cfg, vocab))
+    print("# resolved config")
+    print(json.dumps(config_to_dict(cfg), indent=2))
+    print(f"# DeepSpeed config (world size {world})")
+    print(json.dumps(ds_config, indent=2))
+    print(
+        f"# model: {n_params:,} parameters ({n_emb:,} in the input embedding), vocab {vocab.vocab_size}"
+    )
+    print(f"# per-GPU memory estimate, ZeRO-3, world size {world} (model states only, GiB)")
+    for k, v in estimate_memory(n_params, ds_config, world).items():
+        print(f"{k:>20}: {v:.3f}")
+
+
+def _vocab_from_manifest(cfg):
+    from pretrain.config import resolve_path
+    from pretrain.engine import SpecialIdsInfo
+
+    for p in cfg.data.paths:
+        manifest = resolve_path(p) / "manifest.json"
+        if manifest.exists():
+            tok = json.loads(manifest.read_text())["tokenizer"]
+            ids = tok["special_ids"]
+            return SpecialIdsInfo(int(tok["vocab_size"]), ids["bos"], ids["eos"], ids["pad"])
+    print("# (no shard manifest found under data.paths: assuming a 32,000-token vocabulary)")
+    return SpecialIdsInfo(32000, 1, 2, 0)
+
+
+def main(
+    config: str,
+    *overrides: str,
+    dry_run: bool = False,
+    world_size: int | None = None,
+    local_rank: int | None = None,
+) -> None:
+    """CONFIG: recipe file (YAML/JSON); overrides: dotted.key=value; --dry_run: print and exit
+    (--world_size N: estimate for N ranks instead of the launcher's). local_rank is passed by the
+    deepspeed launcher (LOCAL_RANK is read from the environment)."""
+    from pretrain.config import load_config
+
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    try:
+        cfg = load_config(config, [str(o) for o in overrides])
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        raise SystemExit(f"config error: {e}") from None
+    if dry_run:
+        print_dry_run(cfg, world_size)
+        return
+    from pretrain.trainer import NonFiniteError, train
+
+    try:
+        train(cfg)
+    except NonFiniteError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    import warnings
+
+    import fire
+
+    # DeepSpeed calls torch.distributed functions deprecated in torch 2.13, on every step.
+    warnings.filterwarnings(
+        "ignore", message=r".*is deprecated. Please use `torch\.distributed", category=FutureWarning
+    )
+    fire.Fire(main)

@@ -1,0 +1,130 @@
+"""The engine end to end on CPU: 2 ranks over gloo, ZeRO-3, fp32, real shards and entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+from engine_fixtures import (
+    STRAIGHT_STEPS,
+    launch,
+    read_metrics,
+    read_tensorboard,
+    straight_overrides,
+    straight_run,
+    tiny_overrides,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def straight(bundled_shards, tmp_path_factory):
+    return straight_run(bundled_shards, tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def resumed(bundled_shards, tmp_path_factory):
+    """The same run, stopped after 3 steps (torchrun) and resumed from its run folder."""
+    run_dir = tmp_path_factory.mktemp("runs") / "resumed"
+    first = launch(straight_overrides(bundled_shards, run_dir, **{"schedule.stop_at_step": 3}))
+    second = launch(straight_overrides(bundled_shards, run_dir))
+    return run_dir, first, second
+
+
+def test_resume_gives_identical_losses_at_every_step(straight, resumed):
+    run_dir, _, second = resumed
+    assert "resumed from" in second.stdout and "at step 3" in second.stdout
+    a, b = read_metrics(straight), read_metrics(run_dir)
+    assert [r["step"] for r in a] == list(range(STRAIGHT_STEPS))
+    assert [r["step"] for r in b] == list(range(STRAIGHT_STEPS))
+    for ra, rb in zip(a, b):
+        for key in ("loss/total", "loss/lm", "loss/jepa", "jepa/cosine", "grad_norm", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    # the loss goes down at all
+    assert a[-1]["loss/lm"] < a[0]["loss/lm"] - 0.3
+    ea, eb = read_metrics(straight, "eval"), read_metrics(run_dir, "eval")
+    assert [e["step"] for e in ea] == [e["step"] for e in eb] == [3, 6]
+    assert ea == eb
+
+
+def test_checkpoints_latest_pointer_and_state(straight):
+    root = straight / "checkpoints"
+    assert (root / "latest").read_text() == "step_000006"
+    tags = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
+    assert tags == ["step_000003", "step_000006"]
+    state = json.loads((root / "step_000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2 and state["skipped_steps"] == 0
+    assert len(state["manifest_hash"]) == 64
+    assert state["data_state"]["world_size"] == 2 and len(state["data_state"]["ranks"]) == 2
+    assert state["config"]["schedule"]["train_steps"] == STRAIGHT_STEPS
+    ds = state["ds_config"]
+    assert ds["train_batch_size"] == 2 * 2 * 2 and ds["optimizer"]["params"]["torch_adam"] is True
+    assert {p.name for p in (root / "step_000006" / "rng").iterdir()} == {"rank_0.pt", "rank_1.pt"}
+    for name in (
+        "config.json",
+        "ds_config.json",
+        "hf_config/config.json",
+        "tokenizer/tokenizer.json",
+    ):
+        assert (straight / name).exists(), name
+
+
+def test_tensorboard_scalars_present_and_finite(straight):
+    scalars = read_tensorboard(straight)
+    expected = {
+        "loss/lm", "loss/jepa", "loss/total", "jepa/cosine", "lr", "grad_norm",
+        "tokens_per_s/rank", "tokens_per_s/total", "memory/max_rss_gib", "data_wait_share",
+        "skipped_steps", "eval/loss_lm", "eval/loss_jepa", "eval/cosine", "repr/cosine",
+        "repr/effective_rank",
+    }  # fmt: skip
+    assert expected <= set(scalars), expected - set(scalars)
+    assert "mfu" not in scalars  # no peak FLOP/s on CPU
+    for tag in expected:
+        assert scalars[tag] and all(math.isfinite(v) for _, v in scalars[tag]), tag
+    assert [s for s, _ in scalars["loss/total"]] == list(range(STRAIGHT_STEPS))
+    assert [s for s, _ in scalars["repr/effective_rank"]] == [3, 6]
+    assert all(1.0 <= v <= 64 for _, v in scalars["repr/effective_rank"])  # hidden size 64
+    tps = dict(scalars["tokens_per_s/total"])
+    assert all(tps[s] > dict(scalars["tokens_per_s/rank"])[s] for s in tps)  # 2 ranks
+
+
+def test_changed_dataset_is_refused(
+    straight, bundled_shards, tmp_path, tokenizer_dir
+):
+    from conftest import BUNDLED
+
+    from data_pipeline.preprocess import preprocess
+
+    other = tmp_path / "other"
+    src = tmp_path / "small.jsonl"
+    src.write_text("\n".join((BUNDLED / "test.jsonl").read_text().splitlines()[:400]) + "\n")
+    preprocess(str(src), "messages", str(tokenizer_dir), str(other), num_workers=1,
+               val_fraction=0.1, progress=False)  # fmt: skip
+    run_dir = tmp_path / "copy"
+    shutil.copytree(straight, run_dir)
+    more = {"schedule.train_steps": STRAIGHT_STEPS + 1}
+    proc = launch(tiny_overrides(other, run_dir, **more), nproc=1, launcher="python", check=False)
+    assert proc.returncode != 0
+    assert "dataset changed" in proc.stderr and "checkpoint.allow_data_change=true" in proc.stderr
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(bundled_shards, tmp_path):
+    """Plain `python` (world size 1). lr=1e30 makes step 0 blow the weights up; from step 1 on
+    the gradient is non-finite: steps are skipped, and after 2 in a row the run stops with a message
+    and a checkpoint."""
+    run_dir = tmp_path / "nan"
+    over = tiny_overrides(bundled_shards, run_dir, **{
+        "optim.lr": "1e30", "schedule.warmup_steps": 0, "schedule.train_steps": 10,
+        "schedule.kind": "constant", "optim.max_nonfinite_steps": 2,
+        "logging.eval_every_steps": 0,
+    })  # fmt: skip
+    proc = launch(over, nproc=1, launcher="python", check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert "2 consecutive steps had a non-finite loss or gradient" in proc.stderr
+    rows = read_metrics(run_dir)
+    assert rows[-1]["skipped_steps"] == 2 and rows[-1]["step"] == 2
+    assert not math.isfinite(rows[-1]["grad_norm"])  # huge weights: the gradient overflows
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000003"
