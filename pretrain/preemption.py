@@ -1,0 +1,83 @@
+"""Preemption: a signal asks the run to save a checkpoint at the next step boundary and exit with
+PREEMPT_EXIT_CODE, so that slurm/pretrain.sh requeues the job and the requeued job resumes.
+
+    preemption.install_handler()            # once, in the main thread, before the loop
+    ...
+    # after each optimizer step, on every rank:
+    if preemption.stop_requested():         # all ranks agree (an all-reduce of the flags)
+        save_checkpoint(...)
+        sys.exit(preemption.PREEMPT_EXIT_CODE)
+
+Signals:
+- SIGUSR1 is the preemption warning: Slurm sends it to the batch script before the time limit
+  (`#SBATCH --signal=B:USR1@300`, or `scancel --signal=USR1 --batch JOBID`), the script forwards it
+  to the ranks and, once they exit with PREEMPT_EXIT_CODE, requeues the job.
+- SIGTERM (scancel, the time limit, a node drain) also stops at the next step boundary with a
+  checkpoint, if the grace period (Slurm's KillWait) allows; but the script never requeues on
+  SIGTERM: whether to requeue is the batch script's decision (it got USR1 itself), never the
+  ranks'. So a plain `scancel` ends the job, with its work saved when there is time.
+- SIGINT is left alone: Ctrl-C at a terminal still raises KeyboardInterrupt at once.
+
+The handler only records the signal (nothing else is safe inside a handler); ranks can receive
+it at different steps, or not at all, so stop_requested() reduces the flags with MAX over the
+process group and every rank takes the same decision at the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable
+
+import torch
+
+from pretrain.distributed import device, get_world_size, is_initialized
+
+# EX_TEMPFAIL from sysexits.h, "temporary failure; the user is invited to retry". Distinct from
+# what else ends a run: 0 done, 1 a Python error (and torchrun's code for any failed worker), 2 bad
+# arguments, 124 timeout(1), 128 + n killed by signal n (137 SIGKILL, 143 SIGTERM), 255 ssh/pdsh.
+PREEMPT_EXIT_CODE = 75
+
+DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+_received: signal.Signals | None = None
+_previous: dict[signal.Signals, object] = {}
+
+
+def _handler(signum: int, frame: object) -> None:
+    global _received
+    if _received is None:  # keep the first: it says why the run stopped
+        _received = signal.Signals(signum)
+
+
+def install_handler(signals: Iterable[int] = DEFAULT_SIGNALS) -> None:
+    """Records the given signals instead of their default action (termination). Call from the
+    main thread (Python delivers signals there). Idempotent; uninstall() restores the old ones."""
+    for sig in map(signal.Signals, signals):
+        previous = signal.signal(sig, _handler)
+        _previous.setdefault(sig, previous)
+
+
+def uninstall() -> None:
+    """Restores the handlers install_handler replaced and forgets a received signal."""
+    global _received
+    for sig, previous in _previous.items():
+        signal.signal(sig, previous)
+    _previous.clear()
+    _received = None
+
+
+def received_signal() -> signal.Signals | None:
+    """The first signal this process received since install_handler (None if none)."""
+    return _received
+
+
+def stop_requested() -> bool:
+    """True on every rank if any rank received a stop signal. A collective: call it on all ranks
+    at the same point (after the optimizer step). Costs one scalar all-reduce and a host sync."""
+    local = _received is not None
+    if not is_initialized() or get_world_size() == 1:
+        return local
+    # A tensor on the backend's device: CUDA for nccl, CPU for gloo.
+    flag = torch.tensor([int(local)], dtype=torch.int32, device=device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
