@@ -24,6 +24,7 @@ from data_pipeline.packing import IGNORE_INDEX
 from pretrain import checkpoint as ckpt
 from pretrain import loss as losses
 from pretrain import model as model_lib
+from pretrain import preemption
 from pretrain.config import TrainConfig, build_deepspeed_config, config_to_dict, resolve_path
 from pretrain.distributed import (
     all_gather_object,
@@ -392,6 +393,7 @@ def every(step: int, n: int) -> bool:
 
 
 def train(cfg: TrainConfig) -> None:
+    preemption.install_handler()  # first: a signal during setup is acted on at the first step
     run = setup(cfg)
     try:
         loop(run)
@@ -436,6 +438,14 @@ def loop(run: Run) -> None:
                 bar.set_postfix(
                     loss=f"{logged['loss/total']:.4f}", tok_s=f"{logged['tokens_per_s/total']:.0f}"
                 )
+        if run.step < stop and preemption.stop_requested():  # a collective: every rank, every step
+            save(run)
+            why = preemption.received_signal()
+            print0(
+                f"stop requested ({why.name if why else 'signal on another rank'}): checkpoint at step "
+                f"{run.step} saved, exiting with {preemption.PREEMPT_EXIT_CODE}"
+            )
+            raise SystemExit(preemption.PREEMPT_EXIT_CODE)
         if consecutive_bad >= cfg.optim.max_nonfinite_steps:
             save(run)  # skipped steps changed no weights: this is the last good state
             raise NonFiniteError(
