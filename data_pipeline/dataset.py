@@ -71,6 +71,7 @@ class PackedDataset:
         rank: int = 0,
         world_size: int = 1,
         overlong: packing.OverlongPolicy = "truncate",
+        records_per_row: int = 0,
         shuffle: bool = True,
         loop: bool = True,
         verify_checksums: bool = False,
@@ -84,6 +85,8 @@ class PackedDataset:
             raise ValueError(
                 f"weights must be {len(paths)} non-negative numbers with a positive sum, got {weights}"
             )
+        if records_per_row < 0:
+            raise ValueError(f"records_per_row must be >= 0, got {records_per_row}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.sources = [_Source(Path(p), split, verify_checksums) for p in paths]
@@ -114,6 +117,7 @@ class PackedDataset:
             for s in self.sources
         ]
         self.seq_len = seq_len
+        self.records_per_row = records_per_row
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.loop = shuffle, loop
         self.weights = None if weights is None else [float(w) for w in weights]
@@ -167,7 +171,7 @@ class PackedDataset:
 
     def _next_row(self, with_jepa: bool) -> dict[str, np.ndarray] | None:
         layouts, ids, used = [], [], 0
-        while True:
+        while not (self.records_per_row and len(layouts) == self.records_per_row):
             if self._cursor >= len(self._part):
                 if layouts or not self.loop:
                     break

@@ -41,12 +41,16 @@ class DataConfig:
     """JEPA pairs of a multi-view record: 0→1; i→i+1 (paraphrase chains); 0→every other view."""
     overlong: Literal["truncate", "skip"] = "truncate"
     """A record whose LM document exceeds a row: truncate it or skip it."""
+    records_per_row: int = 0
+    """At most this many records per row; 0 = fill the row. A fixed count gives every JEPA
+    setting the same LM data per step (paired experiments), given seq_len_tokens fits them."""
     verify_checksums: bool = False
     """Hash every shard file against its manifest at start (slow on large corpora)."""
 
     def __post_init__(self):
         _check(self.seq_len_tokens >= 8, "data.seq_len_tokens", ">= 8", self.seq_len_tokens)
         _check(self.micro_batch_rows >= 1, "data.micro_batch_rows", ">= 1", self.micro_batch_rows)
+        _check(self.records_per_row >= 0, "data.records_per_row", ">= 0", self.records_per_row)
         _check(self.grad_accum_steps >= 1, "data.grad_accum_steps", ">= 1", self.grad_accum_steps)
         _check(
             self.global_batch_rows >= 0, "data.global_batch_rows", ">= 0", self.global_batch_rows

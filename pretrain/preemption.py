@@ -1,7 +1,9 @@
 """Preemption: a signal asks the run to save a checkpoint at the next step boundary and exit with
 PREEMPT_EXIT_CODE, so that slurm/pretrain.sh requeues the job and the requeued job resumes.
 
-    preemption.install_handler()            # once, in the main thread, before the loop
+    preemption.install_handler()            # once, in the main thread, before the setup
+    with preemption.held():                 # USR1 waits until the setup is done
+        run = setup(cfg)
     ...
     # after each optimizer step, on every rank:
     if preemption.stop_requested():         # all ranks agree (an all-reduce of the flags)
@@ -25,8 +27,9 @@ process group and every rank takes the same decision at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -64,6 +67,20 @@ def uninstall() -> None:
         signal.signal(sig, previous)
     _previous.clear()
     _received = None
+
+
+@contextlib.contextmanager
+def held(signals: Iterable[int] = (signal.SIGUSR1,)) -> Iterator[None]:
+    """Blocks `signals` inside the block; one that arrives stays pending and reaches the handler
+    when the block ends. For the setup: processes started meanwhile (DeepSpeed's JIT build runs
+    ninja and the compiler) inherit the blocked mask, where a Python handler would be reset to
+    the default action on exec, and Slurm signals every process of the step: USR1 would kill
+    them. SIGTERM is not held: a job cancelled during setup should not wait for it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def received_signal() -> signal.Signals | None:

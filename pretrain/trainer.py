@@ -177,6 +177,7 @@ def _dataset(cfg: TrainConfig, split: str, seed: int):
         rank=get_rank(),
         world_size=get_world_size(),
         overlong=d.overlong,
+        records_per_row=d.records_per_row,
         shuffle=split == "train",
         loop=True,
         verify_checksums=d.verify_checksums and split == "train",
@@ -394,7 +395,8 @@ def every(step: int, n: int) -> bool:
 
 def train(cfg: TrainConfig) -> None:
     preemption.install_handler()  # first: a signal during setup is acted on at the first step
-    run = setup(cfg)
+    with preemption.held():  # ... but kills no child of the setup (the JIT build's compiler)
+        run = setup(cfg)
     try:
         loop(run)
     except BaseException:

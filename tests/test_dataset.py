@@ -56,6 +56,27 @@ def test_rows_respect_seq_len_and_carry_structure(bundled_shards):
     assert len(lm_only["pred_index"]) == 0 and (lm_only["attend_end"] == 0).all()
 
 
+def test_records_per_row_gives_every_jepa_setting_the_same_lm_data(bundled_shards):
+    """A fixed record count per row: LM-only, k=1 and k=3 rows hold the same records, and their
+    LM targets are equal token for token (what paired LM vs LLM-JEPA runs rely on)."""
+
+    def lm_targets(b):
+        return [row[row != -100].tolist() for row in b["labels"]]
+
+    batches = {
+        (k, jepa): make(bundled_shards, predictor_tokens=k, records_per_row=3).next_batch(4, jepa)
+        for k, jepa in [(1, False), (1, True), (3, True)]
+    }
+    ref = batches[1, False]
+    assert len(ref["sample_ids"]) == 12  # 4 rows × 3 records
+    for b in batches.values():
+        assert b["sample_ids"].tolist() == ref["sample_ids"].tolist()
+        assert lm_targets(b) == lm_targets(ref)
+    assert len(batches[3, True]["pred_index"]) == 12
+    with pytest.raises(ValueError, match="records_per_row"):
+        make(bundled_shards, records_per_row=-1)
+
+
 def test_resume_same_world_size_is_exact(bundled_shards):
     ranks = [make(bundled_shards, rank=r, world_size=2) for r in range(2)]
     for ds in ranks:

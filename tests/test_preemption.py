@@ -38,6 +38,18 @@ def test_signal_sets_flag_without_killing(handler, sig):
     assert preemption.received_signal() == sig
 
 
+def test_held_signal_waits_for_the_setup_and_spares_its_children(handler):
+    """USR1 during the setup: the rank acts on it after the setup, and a process the setup
+    started (like DeepSpeed's JIT compiler), also signalled by Slurm, is not killed by it."""
+    with preemption.held():
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(child.pid, signal.SIGUSR1)
+        assert preemption.received_signal() is None  # pending, not lost
+    assert preemption.received_signal() == signal.SIGUSR1
+    assert child.wait(timeout=10) == 0  # the default action would give -SIGUSR1
+
+
 def test_uninstall_restores_previous_handlers():
     before = signal.getsignal(signal.SIGUSR1)
     preemption.install_handler([signal.SIGUSR1])

@@ -91,9 +91,7 @@ def test_tensorboard_scalars_present_and_finite(straight):
     assert all(tps[s] > dict(scalars["tokens_per_s/rank"])[s] for s in tps)  # 2 ranks
 
 
-def test_changed_dataset_is_refused(
-    straight, bundled_shards, tmp_path, tokenizer_dir
-):
+def test_changed_dataset_is_refused(straight, bundled_shards, tmp_path, tokenizer_dir):
     from conftest import BUNDLED
 
     from data_pipeline.preprocess import preprocess
