@@ -1,0 +1,24 @@
+"""The benchmarks run end to end on tiny settings and print their ratios (not their size)."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+
+from engine_fixtures import REPO, engine_env
+
+
+def test_engine_overhead_prints_finite_ratios(bundled_shards):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "engine_overhead.py"), str(bundled_shards),
+         "--steps", "2", "--warmup", "1", "--seq_len", "128", "--micro_batch_rows", "2"],
+        cwd=REPO, env=engine_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("engine/bare step time", "data wait share, LM-only", "data wait share, JEPA k=1"):
+        found = re.search(rf"^{re.escape(name)}:\s+(\S+)$", proc.stdout, re.M)
+        assert found, f"no {name!r} line in:\n{proc.stdout}"
+        value = float(found.group(1))
+        assert math.isfinite(value) and value > 0, f"{name}: {value}"
