@@ -289,7 +289,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = _parse_str(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
+        # `model.overrides.hidden_size=128` arrives as the string "128": typed by the value type
+        _, item = typing.get_args(tp)
+        return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -346,6 +348,10 @@ def _merge(cls: type, base: dict[str, Any], updates: dict[str, Any], prefix: str
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} is a section; set its keys ({key}.<name>=…)")
             out[name] = _merge(tp, out.get(name, {}), value, f"{key}.")
+        elif typing.get_origin(tp) is dict and isinstance(value, dict):
+            # `model.overrides.hidden_size=128` sets one key of the mapping; `model.overrides={…}`
+            # (a string) replaces the mapping
+            out[name] = {**out.get(name, {}), **_coerce(value, tp, key)}
         else:
             out[name] = _coerce(value, tp, key)
     return out

@@ -13,7 +13,8 @@ format in training, up to eos or --max_new_tokens. Scores, in % of pairs:
 Representations of the same pairs (the paper's analysis), Enc(X) being the hidden state of
 --hidden_layer (-1: last, after the final norm) at the last token of `[bos] X`, as in training:
     cosine               mean cos(Enc(A), Enc(B)); cosine_shuffled pairs A with another B
-    pred_cosine          mean cos(Pred(Enc(A)), Enc(B)), Pred = `[bos] A [P1..Pk]` (k > 0 only)
+    pred_cosine          mean cos(Pred(Enc(A)), Enc(B)), Pred = `[bos] A [P1..Pk]` (k > 0 only);
+                         pred_cosine_shuffled pairs Pred with another B: as high = collapse
     lstsq_residual       ||Enc(A) W − Enc(B)||_F for the least-squares W (H × H), and divided by
                          ||Enc(B)||_F (lstsq_residual_relative); the paper reports the former
     singular_values      of Enc(A) − Enc(B) (N × H), largest first
@@ -173,11 +174,16 @@ def _mean_cosine(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.sum(x * y, axis=1) / np.maximum(nx, 1e-12)))
 
 
+def _shuffle(n: int) -> np.ndarray:
+    """A fixed permutation pairing each A with another record's B (the chance-level baseline)."""
+    return np.random.default_rng(0).permutation(n)
+
+
 def representation_metrics(enc_a: np.ndarray, enc_b: np.ndarray, top: int) -> dict:
     """The paper's metrics of the map Enc(A) → Enc(B); N should exceed H (else W fits exactly)."""
     w, *_ = np.linalg.lstsq(enc_a, enc_b, rcond=None)
     residual = float(np.linalg.norm(enc_a @ w - enc_b))
-    shuffled = np.random.default_rng(0).permutation(len(enc_b))
+    shuffled = _shuffle(len(enc_b))
     svals = np.linalg.svd(enc_a - enc_b, compute_uv=False)
     return {
         "cosine": _mean_cosine(enc_a, enc_b),
@@ -270,6 +276,8 @@ def evaluate(
         "prefix_match": 100.0 * float(np.mean(prefix)),
         **representation_metrics(enc_a, enc_b, top_singular),
         "pred_cosine": None if pred is None else _mean_cosine(pred, enc_b),
+        # near pred_cosine: Pred matches any B as well as its own (a collapsed predictor)
+        "pred_cosine_shuffled": None if pred is None else _mean_cosine(pred, enc_b[_shuffle(n)]),
         "hidden_layer": hidden_layer,
         "predictor_tokens": predictor_tokens,
         "seconds": time.perf_counter() - t0,
@@ -296,7 +304,8 @@ def format_table(r: dict) -> str:
         ("cos(Enc(A), Enc(B))", f"{r['cosine']:.4f}  (shuffled pairs {r['cosine_shuffled']:.4f})"),
     ]
     if r["pred_cosine"] is not None:
-        rows.append((f"cos(Pred_k={r['predictor_tokens']}, Enc(B))", f"{r['pred_cosine']:.4f}"))
+        rows.append((f"cos(Pred_k={r['predictor_tokens']}, Enc(B))",
+                     f"{r['pred_cosine']:.4f}  (shuffled pairs {r['pred_cosine_shuffled']:.4f})"))  # fmt: skip
     rows += [
         (
             "lstsq residual",

@@ -57,6 +57,10 @@ def test_overrides_are_typed():
     assert cfg.data.paths == ["a", "b"] and cfg.data.weights == [1.0, 3.0]
     assert cfg.jepa.distance == "infonce" and cfg.model.overrides == {"num_hidden_layers": 3}
     assert load_config(None, ["data.paths=one"]).data.paths == ["one"]
+    # one key of a mapping field: typed, merged into the recipe's mapping
+    nlrx = REPO_ROOT / "recipes" / "nlrx_cpu.yaml"
+    merged = load_config(nlrx, ["model.overrides.hidden_size=128"]).model.overrides
+    assert merged == {**load_config(nlrx, []).model.overrides, "hidden_size": 128}
 
 
 @pytest.mark.parametrize(

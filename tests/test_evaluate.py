@@ -93,7 +93,14 @@ def test_cli_writes_json_and_counts_bad_records(model_dir, tmp_path):
     r = json.loads(out.read_text())
     assert r["pairs"] == 30 and sum(r["skipped"].values()) == 2
     assert any("mixed.jsonl:2" in s for s in r["first_skips"])
-    for key in ("exact_match", "prefix_match", "cosine", "pred_cosine", "lstsq_residual"):
+    for key in (
+        "exact_match",
+        "prefix_match",
+        "cosine",
+        "pred_cosine",
+        "pred_cosine_shuffled",
+        "lstsq_residual",
+    ):
         assert np.isfinite(r[key]), key
     svals = r["singular_values"]
     assert len(svals) == min(30, 64) and svals == sorted(svals, reverse=True)  # N = 30 < H

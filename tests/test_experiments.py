@@ -1,0 +1,47 @@
+"""The NL-RX-SYNTH replication runs end to end in --quick mode (the pipeline, not the gap)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import run_module
+from engine_fixtures import engine_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_nlrx_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "nlrx"
+    proc = run_module(
+        "pretrain.experiments.nlrx", "--out", out, "--quick", env=engine_env(), timeout=600
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["arms"]) == {"lm", "l2_k3"} and summary["seeds"] == [82, 23]
+    jepa = summary["arms"]["l2_k3"]["metrics"]
+    for arm in summary["arms"].values():
+        for name in ("prefix_match", "exact_match", "val_loss_lm", "cosine", "pred_cosine",
+                     "pred_cosine_shuffled", "lstsq_residual", "effective_rank"):  # fmt: skip
+            assert all(math.isfinite(v) for v in arm["metrics"][name]["values"]), name
+        assert len(arm["singular_values_mean"]) > 0
+    assert (
+        "vs_lm" in jepa["prefix_match"]
+        and "vs_lm" not in summary["arms"]["lm"]["metrics"]["prefix_match"]
+    )
+    for png in ("loss_curves.png", "singular_values.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        "| LLM-JEPA λ=2 k=3 |" in (out / "summary.md").read_text() and "prefix match" in proc.stdout
+    )
+    # both arms logged the JEPA term at every logged step; the LM arm's is not trained on
+    for name in ("lm_s82", "l2_k3_s82"):
+        rows = [
+            json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert all("loss/jepa" in r for r in rows if r["kind"] == "train")
+    # a second call reuses every finished run
+    again = run_module(
+        "pretrain.experiments.nlrx", "--out", out, "--quick", env=engine_env(), timeout=600
+    )
+    assert again.stdout.count(" s)") == 4 and "(0 s)" in again.stdout
