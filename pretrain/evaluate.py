@@ -17,6 +17,9 @@ Representations of the same pairs (the paper's analysis), Enc(X) being the hidde
                          pred_cosine_shuffled pairs Pred with another B: as high = collapse
     lstsq_residual       ||Enc(A) W − Enc(B)||_F for the least-squares W (H × H), and divided by
                          ||Enc(B)||_F (lstsq_residual_relative); the paper reports the former
+    collapse checks      cosine_b_b: mean cos(Enc(B_i), Enc(B_j)), near 1 = every B embedded alike;
+                         lstsq_residual_centered: an affine map's residual over ||Enc(B) − mean||_F
+                         (= sqrt(1 − R²)): near 1 = Enc(A) predicts nothing beyond the mean
     singular_values      of Enc(A) − Enc(B) (N × H), largest first
 
 Prints a table; writes everything as JSON to --out (default MODEL_DIR/eval_<data name>.json),
@@ -180,17 +183,26 @@ def _shuffle(n: int) -> np.ndarray:
 
 
 def representation_metrics(enc_a: np.ndarray, enc_b: np.ndarray, top: int) -> dict:
-    """The paper's metrics of the map Enc(A) → Enc(B); N should exceed H (else W fits exactly)."""
+    """The paper's metrics of the map Enc(A) → Enc(B); N should exceed H (else W fits exactly).
+    Two checks for collapse beside them: how alike the B embeddings are among themselves, and
+    the residual of an affine map relative to the spread of Enc(B) around its mean (a constant
+    Enc(B) is trivially predictable: the paper's residual alone would call it a perfect map)."""
     w, *_ = np.linalg.lstsq(enc_a, enc_b, rcond=None)
     residual = float(np.linalg.norm(enc_a @ w - enc_b))
+    with_bias = np.hstack([enc_a, np.ones((len(enc_a), 1))])
+    wb, *_ = np.linalg.lstsq(with_bias, enc_b, rcond=None)
+    spread = float(np.linalg.norm(enc_b - enc_b.mean(0)))
     shuffled = _shuffle(len(enc_b))
     svals = np.linalg.svd(enc_a - enc_b, compute_uv=False)
     return {
         "cosine": _mean_cosine(enc_a, enc_b),
         "cosine_shuffled": _mean_cosine(enc_a, enc_b[shuffled]),
+        "cosine_b_b": _mean_cosine(enc_b, enc_b[shuffled]),
         "lstsq_residual": residual,
         "lstsq_residual_relative": residual / max(float(np.linalg.norm(enc_b)), 1e-12),
-        "lstsq_well_posed": bool(len(enc_a) > enc_a.shape[1]),
+        "lstsq_residual_centered": float(np.linalg.norm(with_bias @ wb - enc_b))
+        / max(spread, 1e-12),
+        "lstsq_well_posed": bool(len(enc_a) > enc_a.shape[1] + 1),
         "singular_values": [float(s) for s in svals[:top]],
     }
 
@@ -302,6 +314,7 @@ def format_table(r: dict) -> str:
         ("exact match", f"{r['exact_match']:.2f} %"),
         ("prefix match", f"{r['prefix_match']:.2f} %"),
         ("cos(Enc(A), Enc(B))", f"{r['cosine']:.4f}  (shuffled pairs {r['cosine_shuffled']:.4f})"),
+        ("cos(Enc(B), Enc(B'))", f"{r['cosine_b_b']:.4f}  (1 = collapsed)"),
     ]
     if r["pred_cosine"] is not None:
         rows.append((f"cos(Pred_k={r['predictor_tokens']}, Enc(B))",
@@ -312,6 +325,7 @@ def format_table(r: dict) -> str:
             f"{r['lstsq_residual']:.4g}  (relative {r['lstsq_residual_relative']:.4g})"
             + ("" if r["lstsq_well_posed"] else "  [N <= H: not meaningful]"),
         ),  # fmt: skip
+        ("affine residual / spread", f"{r['lstsq_residual_centered']:.4f}  (sqrt(1 − R²))"),
         (
             "top singular values",
             " ".join(f"{s:.3g}" for s in sv[:5]) + (" …" if len(sv) > 5 else ""),

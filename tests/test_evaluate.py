@@ -77,6 +77,14 @@ def test_representation_metrics_on_known_maps():
     same = representation_metrics(a, a.copy(), top=4)
     assert same["cosine"] == pytest.approx(1.0) and max(same["singular_values"]) < 1e-12
     assert abs(same["cosine_shuffled"]) < 0.2
+    # collapse: every B embedded alike is "predicted" with a small raw residual (through the
+    # common component of A, as in a real model), but nothing explains its (tiny) spread
+    const = np.ones((200, 16)) + 1e-3 * rng.normal(size=(200, 16))
+    collapsed = representation_metrics(a + 3.0, const, top=4)
+    assert collapsed["cosine_b_b"] > 0.99 and collapsed["lstsq_residual_relative"] < 0.1
+    assert collapsed["lstsq_residual_centered"] > 0.9
+    affine = representation_metrics(a, a @ rng.normal(size=(16, 16)) + 5.0, top=4)
+    assert affine["lstsq_residual_centered"] < 1e-8
     b = rng.normal(size=(200, 16))
     noise = representation_metrics(a, b, top=16)
     assert noise["singular_values"] == pytest.approx(list(np.linalg.svd(a - b, compute_uv=False)))
@@ -99,6 +107,8 @@ def test_cli_writes_json_and_counts_bad_records(model_dir, tmp_path):
         "cosine",
         "pred_cosine",
         "pred_cosine_shuffled",
+        "cosine_b_b",
+        "lstsq_residual_centered",
         "lstsq_residual",
     ):
         assert np.isfinite(r[key]), key

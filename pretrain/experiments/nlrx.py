@@ -44,8 +44,9 @@ SEEDS = (82, 23, 37, 84, 4)
 GRID = ((2.0, 3), (1.0, 3), (4.0, 3), (2.0, 1))
 _IN_PROCESS = threading.Lock()
 METRICS = (
-    "prefix_match", "exact_match", "val_loss_lm", "cosine", "cosine_shuffled", "pred_cosine",
-    "pred_cosine_shuffled", "lstsq_residual", "lstsq_residual_relative", "effective_rank",
+    "prefix_match", "exact_match", "val_loss_lm", "cosine", "cosine_shuffled", "cosine_b_b",
+    "pred_cosine", "pred_cosine_shuffled", "lstsq_residual", "lstsq_residual_relative",
+    "lstsq_residual_centered", "effective_rank",
 )  # fmt: skip
 
 
@@ -190,11 +191,13 @@ def markdown(summary: dict, meta: dict) -> str:
         f"NL-RX-SYNTH test ({meta['pairs']} pairs), {meta['steps']} steps, seeds "
         f"{summary['seeds']}; mean ± std over seeds; Δ: paired difference to LM only, p: one-tailed "
         "paired t-test (H1: LLM-JEPA > LM only)."
+        + (f" Every run with {' '.join(meta['overrides'])}." if meta.get("overrides") else "")
     )
     acc = ["| arm | prefix match % | Δ prefix | p | exact match % | Δ exact | p | val LM loss |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    rep = ["| arm | cos(Enc A, Enc B) | shuffled | cos(Pred, Enc B) | shuffled | lstsq residual "
-           "| relative | effective rank |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rep = ["| arm | cos(Enc A, Enc B) | cos(Pred, Enc B) | shuffled | cos(Enc B, Enc B') "
+           "| lstsq residual | affine residual / spread | effective rank |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for a in summary["arms"].values():
         m = a["metrics"]
         cells = []
@@ -206,9 +209,9 @@ def markdown(summary: dict, meta: dict) -> str:
                       "–" if p is None else f"{p:.3g}"]  # fmt: skip
         acc.append(f"| {a['label']} | {' | '.join(cells)} | {_pm(m.get('val_loss_lm'), '.4f')} |")
         rep.append(
-            f"| {a['label']} | {_pm(m['cosine'], '.3f')} | {_pm(m['cosine_shuffled'], '.3f')} | "
-            f"{_pm(m.get('pred_cosine'), '.4f')} | {_pm(m.get('pred_cosine_shuffled'), '.4f')} | "
-            f"{_pm(m['lstsq_residual'], '.3g')} | {_pm(m['lstsq_residual_relative'], '.3f')} | "
+            f"| {a['label']} | {_pm(m['cosine'], '.3f')} | {_pm(m.get('pred_cosine'), '.4f')} | "
+            f"{_pm(m.get('pred_cosine_shuffled'), '.4f')} | {_pm(m.get('cosine_b_b'), '.4f')} | "
+            f"{_pm(m['lstsq_residual'], '.3g')} | {_pm(m.get('lstsq_residual_centered'), '.3f')} | "
             f"{_pm(m.get('effective_rank'), '.1f')} |"
         )
     return "\n".join([head, "", *acc, "", *rep]) + "\n"
