@@ -239,7 +239,7 @@ def plot(out: Path, arms: list[Arm], seeds: list[int], summary: dict) -> list[Pa
             vals = np.array([[r.get(key, np.nan) for r in c] for c in curves])
             ax.plot(steps, np.nanmean(vals, 0), label=arm.label, lw=2 if arm.weight == 0 else 1.2)
     axes[0].set(title="LM loss (train, mean over seeds)", xlabel="step", yscale="log")
-    axes[1].set(title="JEPA term 1 − cos(Pred(Enc A), Enc B)\n(logged, not trained on, in the LM arm)",
+    axes[1].set(title="JEPA term d(Pred(Enc A), Enc B)\n(logged, not trained on, in the LM arm)",
                 xlabel="step", yscale="log")  # fmt: skip
     axes[0].legend(fontsize=8)
     fig.tight_layout()
