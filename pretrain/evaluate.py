@@ -28,6 +28,7 @@ with the first --show_examples generations. Records without the two views are sk
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -336,33 +337,15 @@ def format_table(r: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(
-    model_dir: str,
-    data: str,
-    out: str = "",
-    views: str = "messages",
-    view_a: int = 0,
-    view_b: int = 1,
-    system_prompt: str = "drop",
-    predictor_tokens: int = 0,
-    hidden_layer: int = -1,
-    batch_size: int = 64,
-    max_new_tokens: int = 0,
-    limit: int = 0,
-    top_singular: int = 32,
-    show_examples: int = 8,
-    device: str = "",
-    dtype: str = "float32",
-) -> None:
-    """Evaluates MODEL_DIR on DATA; prints a table and writes the JSON (--out)."""
+def main(model_dir: str, data: str, out: str = "", **options) -> None:
+    """Evaluates MODEL_DIR on DATA; prints a table and writes the JSON (--out). Options: the
+    keyword arguments of evaluate(), e.g. --predictor_tokens 3 --limit 500 --batch_size 32."""
     try:
-        r = evaluate(
-            model_dir, data, views=views, view_a=view_a, view_b=view_b,
-            system_prompt=system_prompt, predictor_tokens=predictor_tokens,
-            hidden_layer=hidden_layer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            limit=limit, top_singular=top_singular, show_examples=show_examples,
-            device=device, dtype=dtype,
-        )  # fmt: skip
+        inspect.signature(evaluate).bind(model_dir, data, **options)
+    except TypeError as e:  # an unknown option
+        sys.exit(f"pretrain.evaluate: error: {e}")
+    try:
+        r = evaluate(model_dir, data, **options)
     except (EvalError, InputError, FileNotFoundError, OSError) as e:
         sys.exit(f"pretrain.evaluate: error: {e}")
     out_path = (

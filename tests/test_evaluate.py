@@ -124,6 +124,7 @@ def test_cli_writes_json_and_counts_bad_records(model_dir, tmp_path):
         (["{model}", "{tmp}/missing.jsonl"], "missing.jsonl"),
         (["{model}", str(TEST_JSONL), "--view_b", "5"], "--view_b 5"),
         (["{model}", str(TEST_JSONL), "--predictor_tokens", "99"], "--predictor_tokens 99"),
+        (["{model}", str(TEST_JSONL), "--bogus", "1"], "unexpected keyword argument 'bogus'"),
     ],
 )
 def test_cli_bad_input_is_one_line(model_dir, tmp_path, args, message):

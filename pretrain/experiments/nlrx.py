@@ -134,7 +134,7 @@ def run_one(
 
 def final_eval_scalars(run_dir: Path) -> dict:
     """The engine's last validation scalars: LM loss and the effective rank of the embeddings."""
-    rows = [r for r in _metrics(run_dir, "eval")]
+    rows = _metrics(run_dir, "eval")
     last = rows[-1] if rows else {}
     return {
         "val_loss_lm": last.get("eval/loss_lm"),
