@@ -8,21 +8,24 @@ Without SHARDS_DIR, a tokenizer and shards of the bundled NL-RX-SYNTH train set 
 temporary folder (as tests/conftest.py does). One process, world size 1, fp32 on CPU; the config is
 recipes/tiny_cpu.yaml with a constant learning rate. Per iteration, in alternating order:
 
-    engine    pretrain.trainer.train_step on LM-only rows: DeepSpeed ZeRO-3 engine over gloo,
-              AdamW + clipping inside engine.step()
-    bare      the same rows (the engine's dataset position is copied to a twin dataset), same
-              initial weights, forward_batch + lm_loss_sum, backward, clip_grad_norm_,
-              torch.optim.AdamW with the same lr, betas, eps and weight-decay groups
-    jepa      train_step on JEPA rows (k=1), for its data-wait share only
+    engine    the trainer's step on LM-only rows (StepInputs.next + trainer.train_step, as
+              trainer.loop runs them): DeepSpeed ZeRO-3 engine over gloo wrapping the objective
+              module, AdamW + clipping inside engine.step(), batches packed ahead by the
+              background thread (data.prefetch_steps, --prefetch_steps)
+    bare      a plain PyTorch loop: the next rows of a twin dataset packed on the main thread,
+              the same model and initial weights, forward_batch + lm_loss_sum (full logits),
+              backward, clip_grad_norm_, torch.optim.AdamW with the same hyperparameters
+    jepa      the trainer's step on JEPA rows (k=1), for its data-wait share only
 
-The first engine and bare steps give the same loss; the jepa steps then move the engine's weights
-away from the bare model's, which changes no step's cost.
+Steps alternate LM-only / JEPA rows in the engine's stream, so the twin dataset sees other (equally
+distributed) rows after the first step; the first engine and bare steps use the same rows and
+print their losses, which agree.
 
-Both timed steps include fetching and packing the batch. Printed: median step time, median
-tokens/s (non-padding tokens), the ratio engine/bare of the median step times, and the median
-data-wait share (train_step's data_s / step time, the trainer's `data_wait_share`) for LM-only
-and JEPA rows. `log_step` is the median time of trainer.log_step (the metrics of a logged step),
-which the trainer does not count in its step time.
+Both timed steps include getting the batch. Printed: median step time, median tokens/s
+(non-padding tokens), the ratio engine/bare of the median step times, and the median data-wait
+share (the time the step waited for its batches / step time, the trainer's `data_wait_share`) for
+LM-only and JEPA rows. `log_step` is the median time of trainer.log_step (the metrics of a logged
+step), which the trainer does not count in its step time.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def bare_step(model, opt, ds, cfg) -> dict[str, float]:
     t0 = time.perf_counter()
     host = ds.next_batch(cfg.data.micro_batch_rows, with_jepa=False)
     n_lm = int((host["labels"] != IGNORE_INDEX).sum())
-    batch = trainer.to_device(host, torch.device("cpu"))
+    batch = {k: torch.from_numpy(v) for k, v in host.items()}
     opt.zero_grad(set_to_none=True)
     logits, _ = forward_batch(model, batch, cfg.model.attn_implementation)
     lm_sum, _ = lm_loss_sum(logits, batch["labels"])
@@ -81,20 +84,22 @@ def bare_step(model, opt, ds, cfg) -> dict[str, float]:
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
     opt.step()
     step_s = time.perf_counter() - t0
-    return {"step_s": step_s, "tok_s": int((host["segment_ids"] > 0).sum()) / step_s}
+    return {"step_s": step_s, "tok_s": int((host["segment_ids"] > 0).sum()) / step_s,
+            "loss": float(lm_sum) / max(n_lm, 1)}  # fmt: skip
 
 
-def engine_step(run: trainer.Run, with_jepa: bool) -> dict[str, float]:
-    """trainer.train_step timed as trainer.loop times it, then log_step timed on its own."""
+def engine_step(run: trainer.Run) -> dict[str, float]:
+    """The trainer's step timed as trainer.loop times it, then log_step timed on its own."""
     t0 = time.perf_counter()
-    res = trainer.train_step(run, with_jepa)
+    step_in = run.inputs.next()
+    res = trainer.train_step(run, step_in, run.inputs.wait_s)
     step_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    trainer.log_step(run, res, run.cfg.optim.lr, step_s)
+    logged = trainer.log_step(run, res, run.cfg.optim.lr, step_s)
     log_s = time.perf_counter() - t1
     run.step += 1
-    return {"step_s": step_s, "tok_s": res["tokens"] / step_s,
-            "wait": res["data_s"] / step_s, "log_s": log_s}  # fmt: skip
+    return {"step_s": step_s, "tok_s": res.work.tokens / step_s,
+            "wait": res.wait_s / step_s, "log_s": log_s, "loss": logged["loss/lm"]}  # fmt: skip
 
 
 def measure(shards: Path, run_dir: Path, args: argparse.Namespace) -> None:
@@ -103,7 +108,7 @@ def measure(shards: Path, run_dir: Path, args: argparse.Namespace) -> None:
         f"data.seq_len_tokens={args.seq_len}", f"data.micro_batch_rows={args.micro_batch_rows}",
         "data.grad_accum_steps=1", "schedule.kind=constant", "schedule.warmup_steps=0",
         f"schedule.train_steps={2 * (args.steps + args.warmup)}", "logging.progress_bar=false",
-        "checkpoint.resume=false",
+        "checkpoint.resume=false", f"data.prefetch_steps={args.prefetch_steps}",
     ])  # fmt: skip
     # The bare model first: while the engine lives, transformers builds models under zero.Init.
     twin = trainer._dataset(cfg, "train", cfg.seed)
@@ -114,17 +119,21 @@ def measure(shards: Path, run_dir: Path, args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(engine_lib.param_groups(model, o.weight_decay), lr=o.lr,
                             betas=(o.beta1, o.beta2), eps=o.eps)  # fmt: skip
     run = trainer.setup(cfg)
+    # Even steps LM-only (timed against bare), odd steps JEPA rows.
+    trainer.start_inputs(run, with_jepa_at=lambda step: step % 2 == 1)
     with deepspeed.zero.GatheredParameters(list(run.engine.module.parameters())):
         for p, q in zip(model.parameters(), run.engine.module.parameters(), strict=True):
             p.data.copy_(q.data)  # same initial weights, whatever zero.Init drew
 
     samples: dict[str, list[dict[str, float]]] = {"engine": [], "bare": [], "jepa": []}
     for it in range(args.warmup + args.steps):
-        twin.load_state_dict(twin.merge_states([run.train_ds.state_dict()]))  # the same rows
         order = ("engine", "bare") if it % 2 == 0 else ("bare", "engine")
-        step = {m: engine_step(run, False) if m == "engine" else bare_step(model, opt, twin, cfg)
+        step = {m: engine_step(run) if m == "engine" else bare_step(model, opt, twin, cfg)
                 for m in order}  # fmt: skip
-        step["jepa"] = engine_step(run, True)
+        step["jepa"] = engine_step(run)
+        if it == 0:
+            print(f"first step, same rows: engine loss {step['engine']['loss']:.6f}, "
+                  f"bare loss {step['bare']['loss']:.6f}")  # fmt: skip
         if it >= args.warmup:
             for mode, s in step.items():
                 samples[mode].append(s)
@@ -156,6 +165,7 @@ def main() -> None:
     ap.add_argument("--size", default="tiny", help="model size preset (pretrain/model.py)")
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--micro_batch_rows", type=int, default=8)
+    ap.add_argument("--prefetch_steps", type=int, default=1, help="0: pack on the main thread")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(args.shards) if args.shards else build_shards(Path(tmp))

@@ -46,11 +46,14 @@ class DataConfig:
     setting the same LM data per step (paired experiments), given seq_len_tokens fits them."""
     verify_checksums: bool = False
     """Hash every shard file against its manifest at start (slow on large corpora)."""
+    prefetch_steps: int = 1
+    """Steps of micro-batches packed ahead by a background thread; 0 = pack on the main thread."""
 
     def __post_init__(self):
         _check(self.seq_len_tokens >= 8, "data.seq_len_tokens", ">= 8", self.seq_len_tokens)
         _check(self.micro_batch_rows >= 1, "data.micro_batch_rows", ">= 1", self.micro_batch_rows)
         _check(self.records_per_row >= 0, "data.records_per_row", ">= 0", self.records_per_row)
+        _check(self.prefetch_steps >= 0, "data.prefetch_steps", ">= 0", self.prefetch_steps)
         _check(self.grad_accum_steps >= 1, "data.grad_accum_steps", ">= 1", self.grad_accum_steps)
         _check(
             self.global_batch_rows >= 0, "data.global_batch_rows", ">= 0", self.global_batch_rows
@@ -80,6 +83,19 @@ class ModelConfig:
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     trust_remote_code: bool = False
     """Allow model code shipped inside init_from (only for checkpoints you trust)."""
+    lm_loss: Literal["chunked", "full"] = "chunked"
+    """chunked: the LM head runs only at labelled positions, a chunk at a time (no rows × T ×
+    vocab logits); full: logits at every position, then cross-entropy (the reference path)."""
+    lm_loss_chunk_tokens: int = 0
+    """Labelled positions per LM-head chunk; 0 = about 2^26 logits per chunk (512 at 128k vocab)."""
+
+    def __post_init__(self):
+        _check(
+            self.lm_loss_chunk_tokens >= 0,
+            "model.lm_loss_chunk_tokens",
+            ">= 0",
+            self.lm_loss_chunk_tokens,
+        )
 
 
 @dataclass
@@ -138,6 +154,10 @@ class OptimConfig:
     """Clip the global gradient L2 norm to this; 0 = no clipping."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    implementation: Literal["torch", "torch_fused", "deepspeed"] = "torch"
+    """torch: PyTorch AdamW (foreach on CUDA) through DeepSpeed's torch_adam, no JIT build;
+    torch_fused: PyTorch's fused AdamW kernel; deepspeed: DeepSpeed's FusedAdam / CPUAdam, which
+    compile themselves with nvcc / a C++ compiler at start-up."""
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", "> 0", self.lr)
@@ -184,12 +204,21 @@ class CheckpointConfig:
     """Resume from run_dir's latest checkpoint when there is one."""
     allow_data_change: bool = False
     """Resume even if the dataset manifest hash differs from the checkpoint's."""
+    preempt_check_every_steps: int = 10
+    """Agree across ranks on a stop request (a signal) every this many steps: an all-reduce and a
+    host sync each time."""
 
     def __post_init__(self):
         _check(
             self.save_every_steps >= 0, "checkpoint.save_every_steps", ">= 0", self.save_every_steps
         )
         _check(self.keep_last >= 1, "checkpoint.keep_last", ">= 1", self.keep_last)
+        _check(
+            self.preempt_check_every_steps >= 1,
+            "checkpoint.preempt_check_every_steps",
+            ">= 1",
+            self.preempt_check_every_steps,
+        )
 
 
 @dataclass
@@ -462,24 +491,28 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                 f"{cfg.deepspeed_config}: {key} is filled from the config tree; remove it"
             )
     o = cfg.optim
+    adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
+    if o.implementation != "deepspeed":
+        adam["torch_adam"] = True  # torch.optim.AdamW: nothing to compile at start-up
+        if o.implementation == "torch_fused":
+            adam["fused"] = True
     filled = {
         "train_batch_size": global_batch_rows(cfg, world_size),
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_rows,
         "gradient_accumulation_steps": cfg.data.grad_accum_steps,
         "gradient_clipping": o.grad_clip_norm,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": o.lr,
-                "betas": [o.beta1, o.beta2],
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-            },
-        },
+        "optimizer": {"type": "AdamW", "params": adam},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
     ds = _deep_update(static, filled)
+    if o.implementation == "deepspeed":
+        ds["optimizer"]["params"].pop("torch_adam", None)
+    if precision(ds) != "fp32":
+        # 16-bit compute, fp32 gradients: accumulated over micro-steps and reduced across ranks
+        # in fp32 (DeepSpeed's default for both is the compute dtype). A JSON may still say otherwise.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        ds.setdefault("communication_data_type", "fp32")
     assert (
         ds["train_batch_size"]
         == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size

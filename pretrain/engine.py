@@ -16,6 +16,7 @@ import torch
 
 from pretrain import model as model_lib
 from pretrain.config import TrainConfig, precision
+from pretrain.objective import Objective
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -128,13 +129,29 @@ def build_engine(cfg: TrainConfig, ds_config: dict, vocab: SpecialIdsInfo, run_d
     hf_config = build_hf_config(cfg, vocab)
     dschf = HfDeepSpeedConfig(ds_config)  # must be alive while the model is built or loaded
     model = build_model(cfg, hf_config, vocab)
+    # DeepSpeed wraps the objective, not the bare model: the LM head runs inside the wrapped
+    # forward (where ZeRO-3 gathers it) and only at the labelled positions.
+    objective = Objective(model, cfg.jepa, cfg.model)
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        model=objective,
+        model_parameters=param_groups(objective, cfg.optim.weight_decay),
         config=ds_config,
     )
     engine._hf_ds_config = dschf  # keep it alive as long as the engine
     return engine, model.config
+
+
+def setup_warnings(cfg: TrainConfig, ds_config: dict) -> list[str]:
+    """Warnings about a GPU setup that works but wastes the GPU."""
+    warnings = []
+    gpu = torch.cuda.is_available() or precision(ds_config) != "fp32"
+    if gpu and cfg.model.attn_implementation == "sdpa" and cfg.data.seq_len_tokens > 2048:
+        warnings.append(
+            f"model.attn_implementation=sdpa with data.seq_len_tokens={cfg.data.seq_len_tokens}: "
+            "packed rows become a dense (rows, 1, T, T) mask (O(T²) memory, no fused kernel); "
+            "use flex_attention on GPUs"
+        )
+    return warnings
 
 
 def save_json(path: Path, data: Any) -> None:

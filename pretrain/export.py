@@ -35,6 +35,9 @@ def export(
             raise FileNotFoundError(f"no checkpoint in {checkpoint_root(run_dir)}")
         tag = latest.name
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
+    # DeepSpeed wrapped pretrain.objective.Objective, which holds the transformers model as
+    # `model`: its parameter names are the model's with a "model." prefix.
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     config = AutoConfig.from_pretrained(run_dir / "hf_config")
     # The exported model is for users: the packed-row flex path is a training concern.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")

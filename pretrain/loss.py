@@ -35,6 +35,88 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return ce, (labels != IGNORE_INDEX).sum()
 
 
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Positions per LM-head chunk: about 2^26 fp32 logits (256 MiB) per chunk, 64..8192."""
+    return int(min(8192, max(64, 2**26 // max(vocab_size, 1))))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ CE(hidden @ weight.T + bias, labels), computed chunk by chunk. The gradients are
+    computed in the forward pass, chunk by chunk, and kept until backward (as Liger-Kernel's
+    fused linear cross-entropy does): three matmuls per chunk in all, as in the unfused path, and
+    no (N, V) tensor ever exists. Peak extra memory: a few (chunk, V) fp32 tensors, plus
+    the (V, H) fp32 weight gradient being accumulated."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk, with_grad):
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if with_grad else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if with_grad
+            else None
+        )
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if with_grad and bias is not None
+            else None
+        )
+        for start in range(0, n, chunk):
+            h = hidden[start : start + chunk]  # (C, H)
+            y = labels[start : start + chunk]  # (C,)
+            # Logits in the weights' dtype, then fp32, exactly as the unfused path computes them.
+            logits = F.linear(h, weight, bias).float()  # (C, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            rows = torch.arange(h.shape[0], device=h.device)
+            total += (lse - logits[rows, y]).sum()
+            if not with_grad:
+                continue
+            # d CE / d logits = softmax - onehot, built in place over the logits.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[rows, y] -= 1.0
+            g = probs.to(hidden.dtype)  # (C, V); a no-op in fp32
+            grad_h[start : start + chunk] = g @ weight
+            grad_w += (g.T @ h).float()
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+        if with_grad:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gw = (grad_w * grad_out).to(ctx.weight_dtype)
+        gb = (grad_b * grad_out).to(ctx.weight_dtype) if ctx.has_bias else None
+        return (grad_h * grad_out.to(grad_h.dtype)), gw, gb, None, None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """Σ over positions of the next-token cross-entropy of the LM head (weight (V, H), bias (V,))
+    applied to hidden (N, H) against labels (N,): pass only the positions that carry a label.
+    Equal to lm_loss_sum(hidden @ weight.T + bias, labels) in value and gradients, with no (N, V)
+    tensor in the forward or backward pass; chunk_tokens positions at a time (0 = about 2^26
+    logits per chunk)."""
+    if labels.numel() == 0:
+        return (
+            hidden.sum() * 0.0 + weight.sum() * 0.0
+        )  # in the graph: every rank's backward matches
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
+    with_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, with_grad)
+
+
 def lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor | int
 ) -> torch.Tensor:

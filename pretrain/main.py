@@ -24,7 +24,7 @@ def print_dry_run(cfg, world_size: int | None = None) -> None:
     """Prints the resolved config, the DeepSpeed dict and a per-GPU ZeRO-3 memory estimate."""
     from pretrain.config import build_deepspeed_config, config_to_dict
     from pretrain.distributed import get_world_size
-    from pretrain.engine import build_hf_config, count_parameters, estimate_memory
+    from pretrain.engine import build_hf_config, count_parameters, estimate_memory, setup_warnings
 
     world = world_size or get_world_size()
     ds_config = build_deepspeed_config(cfg, world)
@@ -34,6 +34,8 @@ def print_dry_run(cfg, world_size: int | None = None) -> None:
     print(json.dumps(config_to_dict(cfg), indent=2))
     print(f"# DeepSpeed config (world size {world})")
     print(json.dumps(ds_config, indent=2))
+    for warning in setup_warnings(cfg, ds_config):
+        print(f"# WARNING: {warning}")
     print(
         f"# model: {n_params:,} parameters ({n_emb:,} in the input embedding), vocab {vocab.vocab_size}"
     )

@@ -170,7 +170,7 @@ def load_pretrained(
     return model
 
 
-def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """Dtype the attention scores are computed in: autocast's if active, else the weights'."""
     param = next(model.parameters())
     if torch.is_autocast_enabled(param.device.type):
@@ -193,7 +193,7 @@ def forward_batch(
     model_impl = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
     if model_impl != attn_impl:
         raise ValueError(f"attn_impl={attn_impl!r} but the model was built with {model_impl!r}")
-    mask = build_attention(batch, attn_impl, _compute_dtype(model))
+    mask = build_attention(batch, attn_impl, compute_dtype(model))
     out = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],

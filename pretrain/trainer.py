@@ -1,30 +1,34 @@
 """The training loop: set lr → eval / checkpoint → micro-steps → clip + step → log.
 
-Objective per optimizer step (pretrain/loss.py computes the pure parts):
+Objective per optimizer step (pretrain/objective.py computes the sums, pretrain/loss.py the pure
+parts):
 
     loss = γ · Σ_tokens CE / N_tokens  +  λ · Σ_pairs d(Pred(Enc(A)), Enc(B)) / N_pairs
 
-where both counts are GLOBAL (all micro-batches of the step, all ranks), computed before the first
-backward, so accumulation and world size do not change the objective. DeepSpeed averages gradients
-over ranks; each rank's loss is multiplied by the world size to undo that.
+where both counts are GLOBAL (all micro-batches of the step, all ranks), reduced on the device
+before the first backward, so accumulation and world size do not change the objective. DeepSpeed
+averages gradients over ranks; each rank's loss is multiplied by the world size to undo that.
+
+Host syncs, all deliberate: `log_step` (.tolist() of the step's sums, at log steps only), the stop
+request agreed across ranks every checkpoint.preempt_check_every_steps, evaluation and checkpoints.
+DeepSpeed's ZeRO-3 step makes its own (the gradient norm for clipping, the non-finite check behind
+`was_step_applied`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from data_pipeline.packing import IGNORE_INDEX
 from pretrain import checkpoint as ckpt
-from pretrain import loss as losses
-from pretrain import model as model_lib
 from pretrain import preemption
+from pretrain.batches import StepInput, StepInputs, to_device
 from pretrain.config import TrainConfig, build_deepspeed_config, config_to_dict, resolve_path
 from pretrain.distributed import (
     all_gather_object,
@@ -36,14 +40,16 @@ from pretrain.distributed import (
     init_distributed,
     print0,
 )
-from pretrain.engine import SpecialIdsInfo, build_engine, save_json
+from pretrain.engine import SpecialIdsInfo, build_engine, save_json, setup_warnings
 from pretrain.metrics import (
+    BatchWork,
     MetricsWriter,
-    effective_rank,
-    flops_per_token,
+    ModelShape,
     memory_gib,
     peak_flops_per_s,
+    training_flops,
 )
+from pretrain.validation import evaluate, stp_seed
 
 # --------------------------------------------------------------------------------------------
 # Schedule
@@ -68,77 +74,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return peak + (floor - peak) * min(1.0, (step - decay_start + 1) / decay)
 
 
-def jepa_rows_at(cfg: TrainConfig, step: int) -> bool:
-    """Whether step `step` builds JEPA segments. Loss dropout draws from an RNG seeded by
-    (seed, step): identical on all ranks and across resumes, with no state to save."""
-    if cfg.jepa.objective != "jepa":
-        return False
-    if cfg.jepa.loss_dropout <= 0:
-        return True
-    return bool(np.random.default_rng([cfg.seed, step, 7]).random() >= cfg.jepa.loss_dropout)
-
-
-# --------------------------------------------------------------------------------------------
-# Forward + losses of one micro-batch
-
-
-def to_device(batch: dict[str, np.ndarray], dev: torch.device) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, non_blocking=True)
-        for k, v in batch.items()
-    }
-
-
-def micro_losses(
-    engine: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, with_jepa: bool, stp_seed: int
-) -> dict[str, torch.Tensor]:
-    """Loss sums of one micro-batch (the counts that divide them are global, see step_counts)."""
-    j = cfg.jepa
-    logits, hidden = model_lib.forward_batch(
-        engine, batch, cfg.model.attn_implementation, hidden_layer=j.hidden_layer
-    )  # (B, T, V), (B, T, H)
-    lm_sum, _ = losses.lm_loss_sum(logits, batch["labels"])
-    out = {"lm_sum": lm_sum}
-    if j.objective == "jepa" and with_jepa:
-        # Every rank calls jepa_loss_sum, pairs or not: infonce gathers negatives across ranks.
-        pred, target, _ = losses.gather_pairs(hidden, batch)  # (P, H) each
-        out["aux_sum"], _ = losses.jepa_loss_sum(pred, target, j.distance, j.infonce_temperature)
-        n = pred.shape[0]
-        out["cos_sum"] = (
-            losses.view_cosine(pred, target) * n if n else torch.zeros((), device=hidden.device)
-        )
-    elif j.objective == "stp":
-        gen = torch.Generator().manual_seed(stp_seed)
-        n = stp_count(batch["doc_spans"], j.stp_triples_per_doc)
-        out["aux_sum"] = losses.stp_loss(hidden, batch["doc_spans"], j.stp_triples_per_doc, gen) * n
-    return out
-
-
-def stp_count(doc_spans: np.ndarray | torch.Tensor, triples_per_doc: int) -> int:
-    """STP triples drawn from a batch: triples_per_doc per document span of >= 3 tokens."""
-    lengths = doc_spans[:, 2] - doc_spans[:, 1]  # doc_spans (D, 3): batch index, start, end
-    return int((lengths >= 3).sum()) * triples_per_doc
-
-
-def step_counts(
-    micro: list[dict[str, np.ndarray]], with_jepa: bool, cfg: TrainConfig
-) -> tuple[float, float]:
-    """Global (LM loss tokens, JEPA pairs | STP triples) of the step: all micro-batches, all ranks."""
-    lm = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
-    if cfg.jepa.objective == "stp":
-        aux = sum(stp_count(b["doc_spans"], cfg.jepa.stp_triples_per_doc) for b in micro)
-    else:
-        aux = sum(len(b["pred_index"]) for b in micro) if with_jepa else 0
-    t = all_reduce_sum(torch.tensor([lm, aux], dtype=torch.float64, device=device()))
-    return float(t[0]), float(t[1])
-
-
-def stp_seed(cfg: TrainConfig, step: int, micro: int, evaluation: bool = False) -> int:
-    """Seed of the STP triples of a micro-batch: differs per rank and step, same on resume."""
-    entropy = [cfg.seed, int(evaluation), step, get_rank(), micro]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
 # --------------------------------------------------------------------------------------------
 # Run state
 
@@ -154,10 +89,28 @@ class Run:
     metrics: MetricsWriter
     ds_config: dict
     manifest_hash: str
-    flops_per_token: float
+    shape: ModelShape
+    inputs: StepInputs | None = None
     step: int = 0
     skipped_steps: int = 0
     tokens_seen: int = 0
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step leaves for logging: device tensors (no sync) and host counts."""
+
+    sums: torch.Tensor
+    """(4,) float64 on the device, this rank: LM CE sum, JEPA|STP sum, cosine sum, loss."""
+    counts: torch.Tensor
+    """(2,) global LM loss tokens and JEPA pairs | STP triples, on the device."""
+    work: BatchWork
+    """This rank's tokens, labelled positions and attended pairs (host)."""
+    with_jepa: bool
+    applied: bool
+    wait_s: float
+    """Seconds the step waited for its batches (0 when they were packed ahead in time)."""
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _dataset(cfg: TrainConfig, split: str, seed: int):
@@ -188,6 +141,8 @@ def setup(cfg: TrainConfig) -> Run:
     init_distributed()
     world = get_world_size()
     ds_config = build_deepspeed_config(cfg, world)
+    for warning in setup_warnings(cfg, ds_config):  # every rank: the launcher log shows one
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     run_dir = Path(cfg.run_dir)
     train_ds = _dataset(cfg, "train", cfg.seed)
     val_ds = _dataset(cfg, "val", cfg.seed)
@@ -195,10 +150,8 @@ def setup(cfg: TrainConfig) -> Run:
     sp = train_ds.specials
     vocab = SpecialIdsInfo(train_ds.vocab_size, sp.bos, sp.eos, sp.pad)
     engine, hf_config = build_engine(cfg, ds_config, vocab, run_dir)
+    shape = ModelShape.from_model(engine.module.model, hf_config)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    fpt = flops_per_token(
-        n_params, hf_config.num_hidden_layers, hf_config.hidden_size, cfg.data.seq_len_tokens
-    )
     if get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json(run_dir / "config.json", config_to_dict(cfg))
@@ -208,7 +161,7 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(
         cfg=cfg, run_dir=run_dir, engine=engine, train_ds=train_ds, val_ds=val_ds,
         val_start=val_start, metrics=MetricsWriter(run_dir, cfg.logging.tensorboard),
-        ds_config=ds_config, manifest_hash=train_ds.manifest_hash, flops_per_token=fpt,
+        ds_config=ds_config, manifest_hash=train_ds.manifest_hash, shape=shape,
     )  # fmt: skip
     print0(f"model: {n_params / 1e6:.2f}M parameters, world size {world}, run dir {run_dir}")
     latest = ckpt.find_latest(run_dir) if cfg.checkpoint.resume else None
@@ -222,6 +175,12 @@ def setup(cfg: TrainConfig) -> Run:
         run.tokens_seen = state["tokens_seen"]
         print0(f"resumed from {latest} at step {run.step}")
     return run
+
+
+def start_inputs(run: Run, **kwargs: Any) -> StepInputs:
+    """Starts packing from the run's step and dataset position (after any resume)."""
+    run.inputs = StepInputs(run.train_ds, run.cfg, run.step, pin=device().type == "cuda", **kwargs)
+    return run.inputs
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -242,138 +201,75 @@ def trainer_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> None:
+    """Checkpoint at run.step; the data position is that of the batches consumed so far."""
+    data_state = run.inputs.consumed_state if run.inputs else run.train_ds.state_dict()
     ckpt.save_checkpoint(
-        run.engine, run.run_dir, run.step, trainer_state(run), run.train_ds.state_dict(),
+        run.engine, run.run_dir, run.step, trainer_state(run), data_state,
         run.cfg.checkpoint.keep_last,
     )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
-    """Validation LM loss, JEPA loss and mean view cosine over logging.eval_batches micro-batches
-    per rank (the same batches every time), plus representation panels on the first one."""
-    cfg, engine = run.cfg, run.engine
-    engine.eval()
-    run.val_ds.load_state_dict(run.val_start)
-    dev = device()
-    with_jepa = cfg.jepa.objective == "jepa"
-    tot = torch.zeros(5, dtype=torch.float64, device=dev)  # lm_sum, lm_n, aux_sum, aux_n, cos_sum
-    panel: dict[str, float] = {}
-    for i in range(cfg.logging.eval_batches):
-        host = run.val_ds.next_batch(cfg.data.micro_batch_rows, with_jepa)
-        n_lm, n_aux = step_counts([host], with_jepa, cfg)
-        batch = to_device(host, dev)
-        out = micro_losses(engine, batch, cfg, with_jepa, stp_seed(cfg, 0, i, evaluation=True))
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
-        tot += torch.stack([
-            out["lm_sum"].double(), zero + n_lm, out.get("aux_sum", zero).double(),
-            zero + n_aux, out.get("cos_sum", zero).double(),
-        ])  # fmt: skip
-        if i == 0 and cfg.jepa.objective == "jepa":
-            panel = representation_panel(engine, batch, cfg)
-    # Counts are already global (step_counts); only the sums are reduced.
-    sums = all_reduce_sum(tot[[0, 2, 4]].clone())
-    engine.train()
-    lm_sum, jsum, cos = sums.tolist()
-    lm_n, jn = tot[1].item(), tot[3].item()
-    res = {"eval/loss_lm": lm_sum / max(lm_n, 1)}
-    if jn > 0:
-        res["eval/loss_jepa" if cfg.jepa.objective == "jepa" else "eval/loss_stp"] = jsum / jn
-        if cfg.jepa.objective == "jepa":
-            res["eval/cosine"] = cos / jn
-    return {**res, **panel}
-
-
-def representation_panel(
-    engine: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig
-) -> dict[str, float]:
-    """On the fixed eval batch: mean cos(Pred(Enc(A)), Enc(B)) and the effective rank of the view
-    embeddings Enc(A), Enc(B) of all ranks (gathered; collapse shows as a falling rank)."""
-    _, hidden = model_lib.forward_batch(
-        engine, batch, cfg.model.attn_implementation, hidden_layer=cfg.jepa.hidden_layer
-    )
-    pred, target, source = losses.gather_pairs(hidden, batch)
-    views = torch.cat([source, target]).float().cpu()  # (2P, H)
-    cos = torch.nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1).cpu()  # (P,)
-    gathered = all_gather_object((views, cos))
-    views = torch.cat([g[0] for g in gathered])
-    cos = torch.cat([g[1] for g in gathered])
-    if views.shape[0] == 0:
-        return {}
-    return {"repr/cosine": float(cos.mean()), "repr/effective_rank": effective_rank(views)}
 
 
 # --------------------------------------------------------------------------------------------
 # One optimizer step
 
 
-def train_step(run: Run, with_jepa: bool) -> dict[str, Any]:
-    """Micro-steps + DeepSpeed step (clipping inside). Returns detached tensors and host counts."""
+def train_step(run: Run, step_in: StepInput, wait_s: float = 0.0) -> StepResult:
+    """Micro-steps + DeepSpeed step (clipping inside). Makes no host sync of its own."""
     cfg, engine, dev = run.cfg, run.engine, device()
     j, world = cfg.jepa, get_world_size()
-    t0 = time.perf_counter()
-    micro = [
-        run.train_ds.next_batch(cfg.data.micro_batch_rows, with_jepa)
-        for _ in range(cfg.data.grad_accum_steps)
-    ]
-    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in micro)
-    n_lm, n_aux = step_counts(micro, with_jepa, cfg)
-    data_s = time.perf_counter() - t0
-    acc = torch.zeros(4, dtype=torch.float64, device=dev)  # lm_sum, jepa_sum, cos_sum, total
-    for k, host_batch in enumerate(micro):
-        batch = to_device(host_batch, dev)
-        out = micro_losses(engine, batch, cfg, with_jepa, stp_seed(cfg, run.step, k))
-        loss = j.lm_weight * out["lm_sum"] / max(n_lm, 1.0)
-        aux = out.get("aux_sum")
-        if aux is not None and j.weight > 0:
-            loss = loss + j.weight * aux / max(n_aux, 1.0)
+    # Global counts, reduced on the device: no host sync (gloo on CPU is synchronous anyway).
+    counts = all_reduce_sum(torch.from_numpy(step_in.counts).to(dev))
+    n_lm, n_aux = counts.float().clamp(min=1.0).unbind()
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)
+    for k, host in enumerate(step_in.micro):
+        batch = to_device(host, dev)
+        out = engine(batch, with_jepa=step_in.with_jepa, stp_seed=stp_seed(cfg, run.step, k))
+        loss = j.lm_weight * out.lm_sum / n_lm
+        if j.objective != "none" and j.weight > 0:
+            loss = loss + j.weight * out.aux_sum / n_aux
         # DeepSpeed averages gradients over ranks; the counts are already global.
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # applies the update (with clipping) at the accumulation boundary only
-        acc += torch.stack([
-            out["lm_sum"].detach().double(),
-            (aux.detach().double() if aux is not None else torch.zeros((), dtype=torch.float64, device=dev)),
-            out.get("cos_sum", torch.zeros((), device=dev)).double(),
-            loss.detach().double(),
-        ])  # fmt: skip
-    return {
-        "acc": acc, "n_lm": n_lm, "n_aux": n_aux, "tokens": tokens, "data_s": data_s,
-        "applied": engine.was_step_applied(), "with_jepa": with_jepa,
-    }  # fmt: skip
+        sums += torch.stack([out.lm_sum.detach(), out.aux_sum.detach(), out.cos_sum, loss.detach()])
+    return StepResult(
+        sums=sums, counts=counts, work=step_in.work, with_jepa=step_in.with_jepa,
+        applied=engine.was_step_applied(), wait_s=wait_s,
+    )  # fmt: skip
 
 
-def log_step(run: Run, res: dict[str, Any], lr: float, step_s: float) -> dict[str, float]:
-    """Reduces the step's sums over ranks (a device sync) and writes the scalars."""
-    cfg, world = run.cfg, get_world_size()
-    acc = all_reduce_sum(res["acc"].clone())
-    lm_sum, aux_sum, cos_sum, total = acc.tolist()
-    tokens_total = all_reduce_sum(
-        torch.tensor([res["tokens"]], dtype=torch.float64, device=device())
-    ).item()
+def log_step(run: Run, res: StepResult, lr: float, step_s: float) -> dict[str, float]:
+    """Reduces the step's sums over ranks and writes the scalars: the log step's host sync."""
+    cfg, world, w = run.cfg, get_world_size(), res.work
+    flops = training_flops(w, run.shape)
+    local = [w.lm_tokens, w.jepa_extra_tokens, flops]
+    reduced = all_reduce_sum(
+        torch.cat([res.sums, torch.tensor(local, dtype=torch.float64, device=res.sums.device)])
+    )
+    lm_sum, aux_sum, cos_sum, total, lm_tok, extra_tok, flops_total = reduced.tolist()
+    n_lm, n_aux = res.counts.tolist()
+    tokens_rank = w.lm_tokens + w.jepa_extra_tokens
     s = {
-        "loss/lm": lm_sum / max(res["n_lm"], 1),
+        "loss/lm": lm_sum / max(n_lm, 1),
         "loss/total": total,
         "lr": lr,
         "grad_norm": _grad_norm(run.engine),
-        "tokens_per_s/rank": res["tokens"] / step_s,
-        "tokens_per_s/total": tokens_total / step_s,
-        "data_wait_share": res["data_s"] / step_s,
+        "tokens_per_s/rank": tokens_rank / step_s,
+        "tokens_per_s/total": (lm_tok + extra_tok) / step_s,
+        "tokens_per_s/lm": lm_tok / step_s,
+        "tokens_per_s/jepa_extra": extra_tok / step_s,
+        "data_wait_share": res.wait_s / step_s,
         "skipped_steps": run.skipped_steps,
-        "jepa/rows_with_jepa": float(res["with_jepa"]),
+        "jepa/rows_with_jepa": float(res.with_jepa),
         **memory_gib(),
     }
-    if res["n_aux"] > 0:
+    if n_aux > 0:
         name = "loss/stp" if cfg.jepa.objective == "stp" else "loss/jepa"
-        s[name] = aux_sum / res["n_aux"]
+        s[name] = aux_sum / n_aux
         if cfg.jepa.objective == "jepa":
-            s["jepa/cosine"] = cos_sum / res["n_aux"]
+            s["jepa/cosine"] = cos_sum / n_aux
     peak = peak_flops_per_s()
     if peak is not None:
-        s["mfu"] = run.flops_per_token * tokens_total / step_s / (peak * world)
+        s["mfu"] = flops_total / step_s / (peak * world)
     run.metrics.log(run.step, s)
     return s
 
@@ -398,6 +294,7 @@ def train(cfg: TrainConfig) -> None:
     with preemption.held():  # ... but kills no child of the setup (the JIT build's compiler)
         run = setup(cfg)
     try:
+        start_inputs(run)
         loop(run)
     except BaseException:
         teardown(run, clean=False)  # no barrier: the other ranks may be stuck in a collective
@@ -415,14 +312,17 @@ def loop(run: Run) -> None:
         for group in run.engine.optimizer.param_groups:
             group["lr"] = lr
         if run.step > start and every(run.step, lcfg.eval_every_steps):
-            run.metrics.log(run.step, evaluate(run), kind="eval")
+            run.metrics.log(
+                run.step, evaluate(run.engine, run.val_ds, run.val_start, cfg), kind="eval"
+            )
         if run.step > start and every(run.step, cfg.checkpoint.save_every_steps):
             save(run)
 
         t0 = time.perf_counter()
-        res = train_step(run, jepa_rows_at(cfg, run.step))
-        run.tokens_seen += res["tokens"]
-        if res["applied"]:
+        step_in = run.inputs.next()
+        res = train_step(run, step_in, run.inputs.wait_s)
+        run.tokens_seen += res.work.lm_tokens + res.work.jepa_extra_tokens
+        if res.applied:
             consecutive_bad = 0
         else:
             run.skipped_steps += 1
@@ -431,7 +331,7 @@ def loop(run: Run) -> None:
                 f"step {run.step}: non-finite loss or gradient, update skipped ({consecutive_bad} in a row)"
             )
         logged = None
-        if every(run.step + 1, lcfg.log_every_steps) or run.step + 1 == stop or not res["applied"]:
+        if every(run.step + 1, lcfg.log_every_steps) or run.step + 1 == stop or not res.applied:
             logged = log_step(run, res, lr, time.perf_counter() - t0)
         run.step += 1
         if bar is not None:
@@ -440,7 +340,8 @@ def loop(run: Run) -> None:
                 bar.set_postfix(
                     loss=f"{logged['loss/total']:.4f}", tok_s=f"{logged['tokens_per_s/total']:.0f}"
                 )
-        if run.step < stop and preemption.stop_requested():  # a collective: every rank, every step
+        check_stop = every(run.step, cfg.checkpoint.preempt_check_every_steps)
+        if run.step < stop and check_stop and preemption.stop_requested():  # a collective
             save(run)
             why = preemption.received_signal()
             print0(
@@ -457,10 +358,9 @@ def loop(run: Run) -> None:
     if bar is not None:
         bar.close()
     if lcfg.eval_every_steps > 0:
-        run.metrics.log(run.step, evaluate(run), kind="eval")
-    if ckpt.find_latest(run.run_dir) is None or ckpt.find_latest(run.run_dir).name != ckpt.tag_of(
-        run.step
-    ):
+        run.metrics.log(run.step, evaluate(run.engine, run.val_ds, run.val_start, cfg), kind="eval")
+    latest = ckpt.find_latest(run.run_dir)
+    if latest is None or latest.name != ckpt.tag_of(run.step):
         save(run)
 
 
@@ -479,6 +379,8 @@ def _progress_bar(start: int, stop: int):
 def teardown(run: Run, clean: bool) -> None:
     """Engine deleted and the process group destroyed before exit: without it about 1 run in 8
     aborts at interpreter exit on this machine."""
+    if run.inputs is not None:
+        run.inputs.close()
     run.metrics.close()
     engine = run.engine
     run.engine = None

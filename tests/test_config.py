@@ -19,7 +19,8 @@ from pretrain.config import (
     load_config,
 )
 from pretrain.engine import estimate_memory
-from pretrain.trainer import jepa_rows_at, lr_at
+from pretrain.batches import jepa_rows_at
+from pretrain.trainer import lr_at
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.y*ml")) + sorted(
     (REPO_ROOT / "recipes").glob("*.json")
