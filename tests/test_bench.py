@@ -22,3 +22,22 @@ def test_engine_overhead_prints_finite_ratios(bundled_shards):
         assert found, f"no {name!r} line in:\n{proc.stdout}"
         value = float(found.group(1))
         assert math.isfinite(value) and value > 0, f"{name}: {value}"
+
+
+def test_loss_memory_prints_finite_ratios_and_equal_losses():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "loss_memory.py"), "--quick"],
+        cwd=REPO, env=engine_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for vocab in (1000, 4000):
+        for name in ("peak memory new/full", "time new/full", "loss rel. diff new vs full"):
+            line = f"{name}, vocab {vocab}"
+            found = re.search(rf"^{re.escape(line)}:\s+(\S+)$", proc.stdout, re.M)
+            assert found, f"no {line!r} line in:\n{proc.stdout}"
+            value = float(found.group(1))
+            assert math.isfinite(value), f"{line}: {value}"
+            if name == "loss rel. diff new vs full":
+                assert value < 1e-5, f"{line}: {value}"  # the two paths compute the same loss
+            else:
+                assert value > 0, f"{line}: {value}"

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from pretrain.batches import jepa_rows_at
 from pretrain.config import (
     REPO_ROOT,
     ConfigError,
@@ -19,7 +20,6 @@ from pretrain.config import (
     load_config,
 )
 from pretrain.engine import estimate_memory
-from pretrain.batches import jepa_rows_at
 from pretrain.trainer import lr_at
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.y*ml")) + sorted(
