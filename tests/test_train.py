@@ -76,7 +76,8 @@ def test_tensorboard_scalars_present_and_finite(straight):
     scalars = read_tensorboard(straight)
     expected = {
         "loss/lm", "loss/jepa", "loss/total", "jepa/cosine", "lr", "grad_norm",
-        "tokens_per_s/rank", "tokens_per_s/total", "memory/max_rss_gib", "data_wait_share",
+        "tokens_per_s/rank", "tokens_per_s/total", "tokens_per_s/lm", "tokens_per_s/jepa_extra",
+        "memory/max_rss_gib", "data_wait_share",
         "skipped_steps", "eval/loss_lm", "eval/loss_jepa", "eval/cosine", "repr/cosine",
         "repr/effective_rank",
     }  # fmt: skip
@@ -89,6 +90,9 @@ def test_tensorboard_scalars_present_and_finite(straight):
     assert all(1.0 <= v <= 64 for _, v in scalars["repr/effective_rank"])  # hidden size 64
     tps = dict(scalars["tokens_per_s/total"])
     assert all(tps[s] > dict(scalars["tokens_per_s/rank"])[s] for s in tps)  # 2 ranks
+    lm, extra = dict(scalars["tokens_per_s/lm"]), dict(scalars["tokens_per_s/jepa_extra"])
+    for s in tps:  # the split adds up (TensorBoard stores float32)
+        assert extra[s] > 0 and abs(lm[s] + extra[s] - tps[s]) <= 1e-5 * tps[s]
 
 
 def test_changed_dataset_is_refused(straight, bundled_shards, tmp_path, tokenizer_dir):
