@@ -1,11 +1,11 @@
-"""Preemption: a signal asks the run to save a checkpoint at the next step boundary and exit with
+"""Preemption: a signal asks the run to save a checkpoint at a step boundary and exit with
 PREEMPT_EXIT_CODE, so that slurm/pretrain.sh requeues the job and the requeued job resumes.
 
     preemption.install_handler()            # once, in the main thread, before the setup
     with preemption.held():                 # USR1 waits until the setup is done
         run = setup(cfg)
     ...
-    # after each optimizer step, on every rank:
+    # every checkpoint.preempt_check_every_steps optimizer steps, on every rank:
     if preemption.stop_requested():         # all ranks agree (an all-reduce of the flags)
         save_checkpoint(...)
         sys.exit(preemption.PREEMPT_EXIT_CODE)
@@ -14,7 +14,7 @@ Signals:
 - SIGUSR1 is the preemption warning: Slurm sends it to the batch script before the time limit
   (`#SBATCH --signal=B:USR1@300`, or `scancel --signal=USR1 --batch JOBID`), the script forwards it
   to the ranks and, once they exit with PREEMPT_EXIT_CODE, requeues the job.
-- SIGTERM (scancel, the time limit, a node drain) also stops at the next step boundary with a
+- SIGTERM (scancel, the time limit, a node drain) also stops at the next check with a
   checkpoint, if the grace period (Slurm's KillWait) allows; but the script never requeues on
   SIGTERM: whether to requeue is the batch script's decision (it got USR1 itself), never the
   ranks'. So a plain `scancel` ends the job, with its work saved when there is time.

@@ -19,15 +19,17 @@
 #   SRUN_ARGS      extra srun options of the launcher step       [] e.g. "--container-image=…"
 #   STEP_WAIT_S    after the first node's launcher exits, the others get this long, then are killed [120]
 #   MAX_REQUEUES   preemption requeues before giving up          [50]
+#   CACHE_ROOT     node-local folder of the compiler caches below [${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/llm-jepa-$USER]
+#   TORCH_EXTENSIONS_DIR, TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR  [$CACHE_ROOT/{torch_extensions,triton,inductor}]
 #
 # Logs: RUN_DIR/logs/job_<jobid>[_restart<k>]/ holds job.log (this script, the whole job),
 # launcher.node<i>.log (each node's launcher) and <timestamp>_rank<r>.log (each rank).
 #
 # Preemption (slurm/README.md): Slurm sends USR1 to this script PREEMPT_WARNING_S before the time
 # limit (`#SBATCH --signal` below; by hand: scancel --signal=USR1 --batch JOBID). The script
-# forwards it to the launcher step; every rank sets a flag, the ranks agree at the next step
-# boundary (all-reduce), save a checkpoint and exit with PREEMPT_EXIT_CODE (75, EX_TEMPFAIL,
-# pretrain/preemption.py); the script then runs `scontrol requeue`, and the job starts again, same
+# forwards it to the launcher step; every rank sets a flag, the ranks agree within
+# checkpoint.preempt_check_every_steps steps (all-reduce), save a checkpoint and exit with
+# PREEMPT_EXIT_CODE (75, EX_TEMPFAIL, pretrain/preemption.py); the script then runs `scontrol requeue`, and the job starts again, same
 # job id, resuming from that checkpoint. A plain `scancel` (SIGTERM) also checkpoints if there is
 # time, but never requeues.
 #
@@ -105,6 +107,20 @@ exec > >(tee -a "$LOG_DIR/job.log") 2>&1
 
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 export PYTHONUNBUFFERED=1
+
+# Compiler caches on node-local disk (each node's srun task inherits these paths and fills its own
+# copy): DeepSpeed's JIT-built ops, Triton kernels and TorchInductor graphs (flex_attention's block
+# mask and kernels). On a shared $HOME, hundreds of ranks compile into one NFS folder, and a build
+# killed half-way (a preemption, a time limit) leaves a lock file that every later job waits on.
+CACHE_ROOT=${CACHE_ROOT:-${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/llm-jepa-${USER:-$(id -un)}}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$CACHE_ROOT/torch_extensions}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE_ROOT/triton}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE_ROOT/inductor}
+# Every rank memory-maps shard files and opens sockets to every peer: a default soft limit of 1024
+# open files runs out on large corpora and jobs. Raise it to the hard limit (srun propagates it).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || echo "[pretrain.sh] could not raise the open-file limit"
+echo "[pretrain.sh] caches: extensions $TORCH_EXTENSIONS_DIR, triton $TRITON_CACHE_DIR," \
+     "inductor $TORCHINDUCTOR_CACHE_DIR; open files limit $(ulimit -n)"
 
 # DeepSpeed's hostfile from the allocation: "host slots=GPUS_PER_NODE" per node, in nodelist order,
 # so the launcher on node i (SLURM_NODEID) takes global ranks i*GPUS_PER_NODE … .

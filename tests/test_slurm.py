@@ -29,6 +29,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 # preemption.install_handler() and preemption.stop_requested() (slurm/README.md, "Preemption").
 TRAIN_STEPS = 60  # ~0.1 s a step on 2 CPU cores: the run is short, the startup dominates
 SAVE_EVERY = 20
+PREEMPT_CHECK = 4  # ranks agree on a stop request every 4 steps
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def train_overrides(shards: Path, run_dir: Path) -> list[str]:
             "data.micro_batch_rows=2", "logging.log_every_steps=1", "logging.eval_every_steps=0",
             "logging.progress_bar=false", "schedule.warmup_steps=2",
             f"schedule.train_steps={TRAIN_STEPS}", f"checkpoint.save_every_steps={SAVE_EVERY}",
-            "checkpoint.keep_last=3"]  # fmt: skip
+            "checkpoint.keep_last=3", f"checkpoint.preempt_check_every_steps={PREEMPT_CHECK}"]  # fmt: skip
 
 
 def submit_pretrain(cluster: LocalSlurm, shards: Path, run_dir: Path, **env: str) -> str:
@@ -234,13 +235,15 @@ def test_preemption_checkpoints_requeues_and_resumes(
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", out + rank_logs(run_dir)
     assert rec["Restarts"] == "1", out
     assert "preemption warning (USR1)" in out and "launchers exited with 75" in out
+    # compiler caches on node-local disk (here: the test's own TORCH_EXTENSIONS_DIR is kept)
+    assert "[pretrain.sh] caches: extensions " in out and "inductor " in out
     assert f"requeueing job {job} (restart 1)" in out
 
     # The first run saved a checkpoint at the step where it stopped, the second resumed from it.
     first = next((run_dir / "logs" / f"job_{job}").glob("*_rank0.log")).read_text()
     second = next((run_dir / "logs" / f"job_{job}_restart1").glob("*_rank0.log")).read_text()
     stopped = int(first.split("checkpoint at step ")[1].split()[0])
-    assert 5 < stopped < TRAIN_STEPS, first
+    assert 5 < stopped < TRAIN_STEPS and stopped % PREEMPT_CHECK == 0, first
     assert (
         f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:06d}'} at step {stopped}"
         in second
