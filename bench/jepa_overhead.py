@@ -11,7 +11,8 @@ Same model, same records per step, one process, modes interleaved step by step:
               and [bos] B side by side (block-diagonal), i.e. 2× the LM tokens
 
 A step is forward + backward + AdamW over all rows of the step, in micro-batches of
---micro_batch_rows. "tokens" is the non-padding token count relative to lm; "time" the measured
+--micro_batch_rows, through the engine's objective module (pretrain/objective.py) with
+--lm_loss chunked (default: the LM head at labelled positions only) or full (all logits). "tokens" is the non-padding token count relative to lm; "time" the measured
 step time relative to lm (median over steps).
 """
 
@@ -29,8 +30,9 @@ import torch  # noqa: E402
 
 from data_pipeline import packing  # noqa: E402
 from data_pipeline.dataset import PackedDataset  # noqa: E402
-from pretrain import loss as losses  # noqa: E402
 from pretrain import model as model_lib  # noqa: E402
+from pretrain.config import JepaConfig, ModelConfig  # noqa: E402
+from pretrain.objective import Objective, add_label_index  # noqa: E402
 
 
 def paper_view_layout(views, sp: packing.SpecialIds) -> packing.RecordLayout:
@@ -73,21 +75,15 @@ def build_rows(records, cfg: packing.PackingConfig, mode: str) -> list[dict]:
     return greedy_rows([packing.fit_record(v, cfg, mode == "jepa", stats) for v in records], cfg)
 
 
-def run_step(model, opt, rows, micro: int) -> None:
+def run_step(objective: Objective, opt, rows, micro: int) -> None:
     opt.zero_grad(set_to_none=True)
     n_lm = sum(int((r["labels"] != packing.IGNORE_INDEX).sum()) for r in rows)
     n_pairs = sum(len(r["pred_index"]) for r in rows)
     for i in range(0, len(rows), micro):
-        batch = {
-            k: torch.from_numpy(v) for k, v in packing.collate_rows(rows[i : i + micro]).items()
-        }
-        logits, hidden = model_lib.forward_batch(model, batch, "sdpa")
-        lm_sum, _ = losses.lm_loss_sum(logits, batch["labels"])
-        loss = lm_sum / max(n_lm, 1)
-        if n_pairs:
-            pred, target, _ = losses.gather_pairs(hidden, batch)
-            jsum, _ = losses.jepa_loss_sum(pred, target)
-            loss = loss + jsum / n_pairs
+        host = add_label_index(packing.collate_rows(rows[i : i + micro]))
+        batch = {k: torch.from_numpy(v) for k, v in host.items()}
+        out = objective(batch, with_jepa=n_pairs > 0)
+        loss = out.lm_sum / max(n_lm, 1) + out.aux_sum / max(n_pairs, 1)
         loss.backward()
     opt.step()
 
@@ -102,6 +98,7 @@ def measure(
     layers: int = 4,
     threads: int = 2,
     seed: int = 0,
+    lm_loss: str = "chunked",
 ) -> dict[str, tuple[float, float]]:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -116,6 +113,7 @@ def measure(
                    "num_key_value_heads": 4, "intermediate_size": 4 * hidden_size},
     )  # fmt: skip
     model = model_lib.build_model(config)
+    objective = Objective(model, JepaConfig(predictor_tokens=1), ModelConfig(lm_loss=lm_loss))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     order = ds.epoch_order(0)
     modes = ("lm", "jepa", "dropout", "paper")
@@ -132,7 +130,7 @@ def measure(
                 layout = "lm" if rng.random() < 0.75 else "jepa"
             rows = build_rows(records, cfg, layout)
             t0 = time.perf_counter()
-            run_step(model, opt, rows, micro_batch_rows)
+            run_step(objective, opt, rows, micro_batch_rows)
             if step >= 2:
                 times[mode].append(time.perf_counter() - t0)
                 tokens[mode].append(sum(int((r["segment_ids"] > 0).sum()) for r in rows))
