@@ -35,12 +35,10 @@ def export(
             raise FileNotFoundError(f"no checkpoint in {checkpoint_root(run_dir)}")
         tag = latest.name
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
-    # DeepSpeed wrapped pretrain.objective.Objective, which holds the transformers model as
-    # `model`: its parameter names are the model's with a "model." prefix.
-    state = {k.removeprefix("model."): v for k, v in state.items()}
     config = AutoConfig.from_pretrained(run_dir / "hf_config")
     # The exported model is for users: the packed-row flex path is a training concern.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    state = _unwrap_objective(state, set(model.state_dict()))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
@@ -60,6 +58,16 @@ def export(
         f"exported {run_dir}/checkpoints/{tag} → {out_dir} ({sum(p.numel() for p in model.parameters()):,} parameters)"
     )
     return out_dir
+
+
+def _unwrap_objective(state: dict, model_keys: set[str]) -> dict:
+    """DeepSpeed wraps pretrain.objective.Objective, which holds the transformers model as
+    `model`: parameter names carry a "model." prefix. Checkpoints written before the objective
+    module (the bare model under DeepSpeed) have none; both export."""
+    stripped = {k.removeprefix("model."): v for k, v in state.items()}
+    if not set(state) <= model_keys and set(stripped) <= model_keys:
+        return stripped
+    return state
 
 
 def main(run_dir: str, out_dir: str, tag: str | None = None, dtype: str = "float32") -> None:

@@ -61,3 +61,17 @@ def test_exported_logits_equal_the_engine(exported):
             total, count = total + float(s), count + int(n)
     engine_loss = read_metrics(run_dir, "eval")[-1]["eval/loss_lm"]
     assert total / count == pytest.approx(engine_loss, rel=1e-6, abs=1e-6)
+
+
+def test_export_reads_objective_and_bare_model_parameter_names():
+    """Checkpoints of the objective module name parameters "model.<hf name>"; older ones (the
+    bare model under DeepSpeed) use the transformers names, which may start with "model." too."""
+    from pretrain.export import _unwrap_objective
+
+    keys = {"model.layers.0.w", "model.norm.weight", "lm_head.weight"}
+    wrapped = {"model.model.layers.0.w": 1, "model.model.norm.weight": 2, "model.lm_head.weight": 3}
+    assert _unwrap_objective(wrapped, keys) == {
+        "model.layers.0.w": 1, "model.norm.weight": 2, "lm_head.weight": 3,
+    }  # fmt: skip
+    bare = {"model.layers.0.w": 1, "model.norm.weight": 2, "lm_head.weight": 3}
+    assert _unwrap_objective(bare, keys) == bare
