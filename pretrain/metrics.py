@@ -25,6 +25,7 @@ from pretrain.distributed import get_rank
 PEAK_BF16_TFLOPS = {
     "H200": 989.0,
     "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
     "H100": 989.0,
     "GH200": 989.0,
     "B200": 2250.0,

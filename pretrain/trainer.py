@@ -218,7 +218,10 @@ def train_step(run: Run, step_in: StepInput, wait_s: float = 0.0) -> StepResult:
     cfg, engine, dev = run.cfg, run.engine, device()
     j, world = cfg.jepa, get_world_size()
     # Global counts, reduced on the device: no host sync (gloo on CPU is synchronous anyway).
-    counts = all_reduce_sum(torch.from_numpy(step_in.counts).to(dev))
+    host_counts = torch.from_numpy(step_in.counts)
+    if dev.type == "cuda":  # from pinned memory the copy is asynchronous
+        host_counts = host_counts.pin_memory()
+    counts = all_reduce_sum(host_counts.to(dev, non_blocking=dev.type == "cuda"))
     n_lm, n_aux = counts.float().clamp(min=1.0).unbind()
     sums = torch.zeros(4, dtype=torch.float64, device=dev)
     for k, host in enumerate(step_in.micro):

@@ -147,7 +147,10 @@ def accumulated_grads(micro: int, accum: int, rows, bf16: bool) -> dict:
     for i in range(accum):
         out = engine(tensors(mine[i * micro : (i + 1) * micro]), with_jepa=True)
         loss = step_loss(out, counts, jepa)
+        assert engine.is_gradient_accumulation_boundary() == (i == accum - 1)
         engine.backward(loss * dist.get_world_size(), scale_wrt_gas=False)
+        if i < accum - 1:
+            engine.step()  # advances the micro-step; the update waits for the boundary
     accum_dtype = str(getattr(engine.optimizer, "gradient_accumulation_dtype", None))
     grads = full_grads(engine)
     engine.destroy()
