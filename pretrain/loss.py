@@ -45,7 +45,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     computed in the forward pass, chunk by chunk, and kept until backward (as Liger-Kernel's
     fused linear cross-entropy does): three matmuls per chunk in all, as in the unfused path, and
     no (N, V) tensor ever exists. Peak extra memory: a few (chunk, V) fp32 tensors, plus
-    the (V, H) fp32 weight gradient being accumulated."""
+    the (V, H) fp32 weight gradient being accumulated (and, for 16-bit weights, one (V, H)
+    buffer of the chunk's product)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk, with_grad):
@@ -62,6 +63,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if with_grad and bias is not None
             else None
         )
+        w_tmp = None
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk]  # (C, H)
             y = labels[start : start + chunk]  # (C,)
@@ -76,8 +78,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()
             probs[rows, y] -= 1.0
             g = probs.to(hidden.dtype)  # (C, V); a no-op in fp32
-            grad_h[start : start + chunk] = g @ weight
-            grad_w += (g.T @ h).float()
+            torch.mm(g, weight, out=grad_h[start : start + chunk])
+            if weight.dtype == torch.float32:
+                grad_w.addmm_(g.T, h)  # in place: no (V, H) temporary per chunk
+            else:  # 16-bit: the chunk's (V, H) product in the weights' dtype, summed in fp32
+                if w_tmp is None:
+                    w_tmp = torch.empty_like(weight)
+                torch.mm(g.T, h, out=w_tmp)
+                grad_w += w_tmp
             if grad_b is not None:
                 grad_b += probs.sum(0)
         if with_grad:
