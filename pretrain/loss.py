@@ -44,38 +44,37 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Σ CE(hidden @ weight.T + bias, labels), computed chunk by chunk. The gradients are
     computed in the forward pass, chunk by chunk, and kept until backward (as Liger-Kernel's
     fused linear cross-entropy does): three matmuls per chunk in all, as in the unfused path, and
-    no (N, V) tensor ever exists. Peak extra memory: a few (chunk, V) fp32 tensors, plus
-    the (V, H) fp32 weight gradient being accumulated (and, for 16-bit weights, one (V, H)
-    buffer of the chunk's product)."""
+    no (N, V) tensor ever exists. Peak extra memory: one (chunk, V) fp32 tensor (the softmax is
+    computed in place over the logits), plus the (V, H) fp32 weight gradient being accumulated
+    (and, for 16-bit weights, one (V, H) buffer of the chunk's product). Backward scales the
+    kept gradients in place and lets go of them: it can run once."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk, with_grad):
         n = hidden.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dev = hidden.device
+        total = torch.zeros((), dtype=torch.float32, device=dev)
         grad_h = torch.empty_like(hidden) if with_grad else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if with_grad
-            else None
-        )
-        grad_b = (
-            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-            if with_grad and bias is not None
-            else None
-        )
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if with_grad else None
+        grad_b = None
+        if with_grad and bias is not None:
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=dev)
         w_tmp = None
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk]  # (C, H)
             y = labels[start : start + chunk]  # (C,)
+            rows = torch.arange(h.shape[0], device=dev)
             # Logits in the weights' dtype, then fp32, exactly as the unfused path computes them.
             logits = F.linear(h, weight, bias).float()  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            rows = torch.arange(h.shape[0], device=h.device)
-            total += (lse - logits[rows, y]).sum()
+            target = logits[rows, y]  # (C,), a copy
+            # log-sum-exp in place (torch.logsumexp would allocate another (C, V) tensor)
+            peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+            sum_exp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now exp(x - max)
+            total += (sum_exp.log() + peak).squeeze(1).sub_(target).sum()
             if not with_grad:
                 continue
-            # d CE / d logits = softmax - onehot, built in place over the logits.
-            probs = logits.sub_(lse[:, None]).exp_()
+            # d CE / d logits = softmax - onehot, in place
+            probs = logits.div_(sum_exp)
             probs[rows, y] -= 1.0
             g = probs.to(hidden.dtype)  # (C, V); a no-op in fp32
             torch.mm(g, weight, out=grad_h[start : start + chunk])
@@ -88,18 +87,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_w += w_tmp
             if grad_b is not None:
                 grad_b += probs.sum(0)
-        if with_grad:
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # Kept on ctx, not saved for backward: backward scales them in place and drops them.
+        ctx.grads = (grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
-        ctx.has_bias = bias is not None
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        gw = (grad_w * grad_out).to(ctx.weight_dtype)
-        gb = (grad_b * grad_out).to(ctx.weight_dtype) if ctx.has_bias else None
-        return (grad_h * grad_out.to(grad_h.dtype)), gw, gb, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy_sum: backward can run only once")
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype))
+        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype)  # no copy in fp32
+        gb = grad_b.mul_(grad_out).to(ctx.weight_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None, None
 
 
 def linear_cross_entropy_sum(
