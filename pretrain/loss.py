@@ -72,6 +72,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             sum_exp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now exp(x - max)
             total += (sum_exp.log() + peak).squeeze(1).sub_(target).sum()
             if not with_grad:
+                del logits
                 continue
             # d CE / d logits = softmax - onehot, in place
             probs = logits.div_(sum_exp)
@@ -87,6 +88,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_w += w_tmp
             if grad_b is not None:
                 grad_b += probs.sum(0)
+            # Free this chunk's (C, V) logits before the next chunk allocates its own.
+            del logits, probs, g
         # Kept on ctx, not saved for backward: backward scales them in place and drops them.
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
