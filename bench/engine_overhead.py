@@ -46,8 +46,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed calls torch.distributed functions deprecated in torch 2.13, on every step.
 warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed")
 
-import deepspeed  # noqa: E402
 import torch  # noqa: E402
+
+# DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear process-wide with its own autograd
+# function ("memory_efficient_linear", for the life of the process): the bare loop runs with the
+# original, as it would without DeepSpeed.
+TORCH_LINEAR = torch.nn.functional.linear
+import deepspeed  # noqa: E402
 
 from data_pipeline.packing import IGNORE_INDEX  # noqa: E402
 from pretrain import engine as engine_lib  # noqa: E402
@@ -72,7 +77,15 @@ def build_shards(root: Path) -> Path:
 
 
 def bare_step(model, opt, ds, cfg) -> dict[str, float]:
-    """One optimizer step without the engine, data fetch included."""
+    """One optimizer step without the engine, data fetch included, with PyTorch's own linear."""
+    ds_linear, torch.nn.functional.linear = torch.nn.functional.linear, TORCH_LINEAR
+    try:
+        return _bare_step(model, opt, ds, cfg)
+    finally:
+        torch.nn.functional.linear = ds_linear
+
+
+def _bare_step(model, opt, ds, cfg) -> dict[str, float]:
     t0 = time.perf_counter()
     host = ds.next_batch(cfg.data.micro_batch_rows, with_jepa=False)
     n_lm = int((host["labels"] != IGNORE_INDEX).sum())
@@ -85,7 +98,7 @@ def bare_step(model, opt, ds, cfg) -> dict[str, float]:
     opt.step()
     step_s = time.perf_counter() - t0
     return {"step_s": step_s, "tok_s": int((host["segment_ids"] > 0).sum()) / step_s,
-            "loss": float(lm_sum) / max(n_lm, 1)}  # fmt: skip
+            "loss": float(lm_sum.detach()) / max(n_lm, 1)}  # fmt: skip
 
 
 def engine_step(run: trainer.Run) -> dict[str, float]:
