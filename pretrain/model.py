@@ -1,6 +1,7 @@
 """Model construction and the packed-row forward pass. Knows nothing of DeepSpeed: the engine
 keeps `HfDeepSpeedConfig` alive around `build_model` / `load_pretrained` so ZeRO-3 partitions the
-weights as they are created, and hands the wrapped model to `forward_batch`."""
+weights as they are created; pretrain/objective.py runs the model over packed rows (its full-logits
+reference path through `forward_batch`, which evaluation and the tests use too)."""
 
 from __future__ import annotations
 
