@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +68,22 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(get_local_rank())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    unlink_shm_buffers()
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """/dev/shm segment of DeepSpeed's CPU all-reduce op (csrc/cpu/comm/shm.cpp) for `rank`."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def unlink_shm_buffers() -> None:
+    """DeepSpeed's CPU all-reduce op maps one /dev/shm segment per rank (66 MB) and never removes
+    it. Its set-up returns only once a rank has mapped every peer's segment, so after a barrier
+    the names are no longer needed: each rank unlinks its own, and the memory goes back to the
+    system when the last process mapping it exits, however it exits (kill -9 included)."""
+    barrier()
+    shm_buffer_path(get_rank()).unlink(missing_ok=True)
 
 
 def destroy_distributed(barrier: bool = True) -> None:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 from engine_fixtures import (
+    REPO,
     STRAIGHT_STEPS,
+    engine_env,
+    free_port,
     launch,
+    launch_command,
     read_metrics,
     read_tensorboard,
     straight_overrides,
@@ -130,3 +139,39 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(bundled_shards, tmp_path
     assert rows[-1]["skipped_steps"] == 2 and rows[-1]["step"] == 2
     assert not math.isfinite(rows[-1]["grad_norm"])  # huge weights: the gradient overflows
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000003"
+
+
+def _shm_buffers(port: int) -> list[str]:
+    """DeepSpeed's CPU all-reduce segments of a run on `port` (any rank)."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def test_no_shared_memory_is_left_behind(bundled_shards, tmp_path):
+    """DeepSpeed's CPU all-reduce op maps a 66 MB /dev/shm segment per rank and never removes it
+    (it is used when all ranks are local and LOCAL_SIZE is set: under the deepspeed launcher, not
+    torchrun); the ranks unlink theirs once every rank has mapped them. A clean exit and a kill -9
+    of the whole run leave nothing behind (before: one segment per rank and launch)."""
+    launcher = "deepspeed"
+    port = free_port()
+    over = tiny_overrides(bundled_shards, tmp_path / "clean", **{"schedule.train_steps": 2,
+                                                                 "logging.eval_every_steps": 0})  # fmt: skip
+    launch(over, launcher=launcher, port=port)
+    assert _shm_buffers(port) == []
+
+    port = free_port()
+    run_dir = tmp_path / "killed"
+    over = tiny_overrides(bundled_shards, run_dir, **{"schedule.train_steps": 100000,
+                                                      "logging.eval_every_steps": 0})  # fmt: skip
+    proc = subprocess.Popen(launch_command(over, 2, launcher, port), cwd=REPO, env=engine_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):
+            assert proc.poll() is None and time.time() < deadline, "the run did not start"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    time.sleep(1)  # the kernel frees unlinked segments as the last mapping goes
+    assert _shm_buffers(port) == []
