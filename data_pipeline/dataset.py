@@ -27,6 +27,10 @@ from data_pipeline.verify import load_manifest, manifest_hash, verify_folder
 STATE_VERSION = 1
 
 
+class DatasetError(ValueError):
+    """The data cannot give what the run asks of it (e.g. no record fits a row)."""
+
+
 class _Source:
     """One shard folder's split: record lookup and its packing rules."""
 
@@ -125,6 +129,8 @@ class PackedDataset:
         if self.offsets[-1] == 0:
             raise ShardError(f"{paths}: split {split!r} holds no records")
         self.stats = packing.PackStats(seq_len=seq_len)
+        self.paths, self.split, self.overlong = paths, split, overlong
+        self._skipped_in_a_row = 0  # records skipped by the overlong policy since the last fit
         self._set_position(epoch=0, layers=[], cursor=0)
 
     # -- order ---------------------------------------------------------------------------------
@@ -155,6 +161,7 @@ class PackedDataset:
 
     def _set_position(self, epoch: int, layers: list[dict], cursor: int) -> None:
         remaining = self.epoch_order(epoch)
+        self._epoch_records = len(remaining)
         for layer in layers:  # drop what ranks of an earlier world size consumed
             w, cursors = layer["world_size"], np.asarray(layer["cursors"])
             idx = np.arange(len(remaining))
@@ -183,7 +190,10 @@ class PackedDataset:
             if layout is None:  # skipped by the overlong policy (counted in stats)
                 self._cursor += 1
                 self.stats.records += 1
+                self._skipped_in_a_row += 1
+                self._check_progress()
                 continue
+            self._skipped_in_a_row = 0
             if used + len(layout) > self.seq_len:
                 break  # the record opens the next row; the cursor stays on it
             layouts.append(layout)
@@ -198,6 +208,17 @@ class PackedDataset:
         self.stats.tokens += used
         self.stats.jepa_pairs += len(row["pred_index"])
         return row
+
+    def _check_progress(self) -> None:
+        """A looping dataset whose every record is skipped would loop forever: after two epochs'
+        worth of records skipped in a row, nothing fits."""
+        if self._skipped_in_a_row > 2 * max(self._epoch_records, 1):
+            names = ", ".join(str(p) for p in self.paths)
+            raise DatasetError(
+                f"{names}: no {self.split} record fits a row of {self.seq_len} tokens "
+                f"(data.overlong={self.overlong} skipped {self._skipped_in_a_row} records in a "
+                "row, every one it read): raise data.seq_len_tokens or use data.overlong=truncate"
+            )
 
     def next_rows(self, n: int, with_jepa: bool = True) -> list[dict[str, np.ndarray]]:
         rows = []

@@ -79,11 +79,13 @@ def main(
     if dry_run:
         print_dry_run(cfg, world_size)
         return
+    from data_pipeline.dataset import DatasetError
+    from data_pipeline.shards import ShardError
     from pretrain.trainer import NonFiniteError, train
 
     try:
         train(cfg)
-    except NonFiniteError as e:
+    except (NonFiniteError, DatasetError, ShardError) as e:  # one line, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

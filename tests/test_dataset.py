@@ -149,3 +149,34 @@ def test_dataset_refuses_corrupt_shards(bundled_shards, tmp_path):
     make(folder)  # cheap checks pass
     with pytest.raises(ShardError, match="sha256"):
         make(folder, verify_checksums=True)
+
+
+def test_a_dataset_where_no_record_fits_is_an_error_not_an_endless_loop(bundled_shards):
+    """data.overlong=skip with rows shorter than every record: the looping dataset skipped every
+    record forever (11 minutes at 100% CPU before step 0). Now: one error naming the folder."""
+    from data_pipeline.dataset import DatasetError
+
+    ds = make(bundled_shards, seq_len=7, overlong="skip")  # the shortest LM document has 8
+    with pytest.raises(DatasetError, match=rf"{bundled_shards}: no train record fits a row of 7"):
+        ds.next_batch(2)
+    assert ds.stats.skipped_overlong > 2 * n_train(bundled_shards)
+
+
+def test_an_unfit_dataset_stops_training_with_one_line(tokenizer_dir, tmp_path):
+    from conftest import chat, write_jsonl
+    from engine_fixtures import launch, tiny_overrides
+
+    from data_pipeline.preprocess import preprocess
+
+    long = " ".join(["lines containing the word dog"] * 6)
+    src = write_jsonl(tmp_path / "long.jsonl", [chat(f"{long} {i}", ".*dog.*") for i in range(40)])
+    shards = tmp_path / "shards"
+    preprocess(str(src), "messages", str(tokenizer_dir), str(shards), num_workers=1,
+               val_fraction=0.2, progress=False)  # fmt: skip
+    over = tiny_overrides(shards, tmp_path / "run", **{"data.seq_len_tokens": 16,
+                                                       "data.overlong": "skip"})  # fmt: skip
+    proc = launch(over, nproc=1, launcher="python", check=False, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {shards}: no train record fits a row of 16 tokens"), last
+    assert "Traceback" not in proc.stderr
