@@ -81,11 +81,12 @@ def main(
         return
     from data_pipeline.dataset import DatasetError
     from data_pipeline.shards import ShardError
+    from pretrain.rundir import RunDirBusyError
     from pretrain.trainer import NonFiniteError, train
 
     try:
         train(cfg)
-    except (NonFiniteError, DatasetError, ShardError) as e:  # one line, no traceback
+    except (NonFiniteError, DatasetError, ShardError, RunDirBusyError) as e:  # one line
         raise SystemExit(f"error: {e}") from None
 
 

@@ -33,6 +33,7 @@ from pretrain.config import TrainConfig, build_deepspeed_config, config_to_dict,
 from pretrain.distributed import (
     all_gather_object,
     all_reduce_sum,
+    broadcast_object,
     destroy_distributed,
     device,
     get_rank,
@@ -49,6 +50,7 @@ from pretrain.metrics import (
     peak_flops_per_s,
     training_flops,
 )
+from pretrain.rundir import RunDirBusyError, RunDirLock
 from pretrain.validation import evaluate, stp_seed
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class Run:
     manifest_hash: str
     shape: ModelShape
     inputs: StepInputs | None = None
+    lock: RunDirLock | None = None
     step: int = 0
     skipped_steps: int = 0
     tokens_seen: int = 0
@@ -137,8 +140,38 @@ def _dataset(cfg: TrainConfig, split: str, seed: int):
     )
 
 
+def own_run_dir(run_dir: Path) -> RunDirLock | None:
+    """Rank 0 takes the run folder's lock (pretrain/rundir.py); every rank learns the outcome,
+    so a folder owned by a live run stops all of them. Returns rank 0's lock."""
+    lock, outcome = None, None
+    if get_rank() == 0:
+        lock = RunDirLock(run_dir)
+        try:
+            outcome = ("ok", lock.acquire())
+        except RunDirBusyError as e:
+            outcome = ("busy", str(e))
+    status, message = broadcast_object(outcome)
+    if status == "busy":
+        raise RunDirBusyError(message)
+    if message:
+        print0(message)
+    return lock
+
+
 def setup(cfg: TrainConfig) -> Run:
     init_distributed()
+    lock = own_run_dir(Path(cfg.run_dir))
+    try:
+        run = _setup(cfg)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _setup(cfg: TrainConfig) -> Run:
     world = get_world_size()
     ds_config = build_deepspeed_config(cfg, world)
     for warning in setup_warnings(cfg, ds_config):  # every rank: the launcher log shows one
@@ -385,6 +418,8 @@ def teardown(run: Run, clean: bool) -> None:
     if run.inputs is not None:
         run.inputs.close()
     run.metrics.close()
+    if run.lock is not None:
+        run.lock.release()
     engine = run.engine
     run.engine = None
     engine.destroy()
