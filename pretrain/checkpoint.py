@@ -74,13 +74,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def find_latest(run_dir: Path) -> Path | None:
-    pointer = checkpoint_root(run_dir) / "latest"
+    """The checkpoint `latest` names; if that one is incomplete or gone (deleted, a copy cut
+    short), the newest complete one, saying so."""
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
-    return path
+    path = root / pointer.read_text().strip()
+    if (path / "trainer_state.json").exists():
+        return path
+    complete = sorted(
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if p.is_dir() and (m := TAG_RE.match(p.name)) and (p / "trainer_state.json").exists()
+    )
+    if not complete:
+        raise FileNotFoundError(
+            f"{pointer} names {path.name}, which is incomplete or missing, and {root} holds no "
+            "complete checkpoint: remove the folder to start over"
+        )
+    fallback = complete[-1][1]
+    print0(
+        f"WARNING: {pointer} names {path.name}, which is incomplete or missing; using {fallback.name}"
+    )
+    return fallback
 
 
 def save_checkpoint(

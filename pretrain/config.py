@@ -419,7 +419,17 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path}: not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"{path}: not valid YAML: {where}{problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -480,7 +490,15 @@ def _deep_update(base: dict, updates: dict) -> dict:
 def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The static JSON of cfg.deepspeed_config with batch, clipping and optimizer fields filled
     from the tree. The JSON may preset optimizer params the tree does not own (torch_adam)."""
-    static = json.loads(resolve_path(cfg.deepspeed_config).read_text())
+    path = resolve_path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed_config: {path} not found")
+    try:
+        static = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"deepspeed_config: {path} is not valid JSON: line {e.lineno}: {e.msg}"
+        ) from None
     for key in (
         "train_batch_size",
         "train_micro_batch_size_per_gpu",

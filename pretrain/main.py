@@ -68,26 +68,35 @@ def main(
     """CONFIG: recipe file (YAML/JSON); overrides: dotted.key=value; --dry_run: print and exit
     (--world_size N: estimate for N ranks instead of the launcher's). local_rank is passed by the
     deepspeed launcher (LOCAL_RANK is read from the environment)."""
-    from pretrain.config import load_config
+    from data_pipeline.dataset import DatasetError
+    from data_pipeline.shards import ShardError
+    from pretrain.config import ConfigError, build_deepspeed_config, load_config
+    from pretrain.rundir import RunDirBusyError
 
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     try:
         cfg = load_config(config, [str(o) for o in overrides])
+        build_deepspeed_config(cfg, world_size or 1)  # the DeepSpeed JSON exists and parses
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        raise SystemExit(f"config error: {e}") from None
+        _user_error(f"config error: {e}")
     if dry_run:
         print_dry_run(cfg, world_size)
         return
-    from data_pipeline.dataset import DatasetError
-    from data_pipeline.shards import ShardError
-    from pretrain.rundir import RunDirBusyError
     from pretrain.trainer import NonFiniteError, train
 
     try:
         train(cfg)
-    except (NonFiniteError, DatasetError, ShardError, RunDirBusyError) as e:  # one line
+    except (ConfigError, DatasetError, ShardError, RunDirBusyError) as e:  # the user's to fix
+        _user_error(f"error: {e}")
+    except NonFiniteError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def _user_error(line: str) -> None:
+    """One line on stderr and exit status 2, no traceback."""
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,27 @@ def test_dry_run_prints_config_deepspeed_dict_and_memory():
     total = float(re.search(r"total_gpu_gib: ([\d.]+)", out).group(1))
     assert total == pytest.approx(16 * n_params / 8 / 2**30, rel=1e-3)
     assert not (REPO_ROOT / "runs" / "llama_7b").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "recipe_text,override,expected",
+    [
+        ("data:\n  paths: [a\n  x: : :\n", None, "not valid YAML: line 3, column 4"),
+        (None, "deepspeed_config=ds_configs/missing.json", "deepspeed_config: ds_configs/missing.json not found"),
+        (None, "data.micro_batch_rows=zero", "data.micro_batch_rows must be an int"),
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path, recipe_text, override, expected):
+    """Before: a YAML syntax error gave a 67-line traceback, a missing DeepSpeed config another."""
+    recipe = REPO_ROOT / "recipes" / "tiny_cpu.yaml"
+    if recipe_text is not None:
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text(recipe_text)
+    cmd = [sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), str(recipe)]
+    cmd += [override] if override else []
+    proc = subprocess.run([*cmd, "--dry_run"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert expected in lines[-1] and lines[-1].startswith("config error: "), proc.stderr
+    assert "Traceback" not in proc.stderr

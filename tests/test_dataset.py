@@ -176,7 +176,7 @@ def test_an_unfit_dataset_stops_training_with_one_line(tokenizer_dir, tmp_path):
     over = tiny_overrides(shards, tmp_path / "run", **{"data.seq_len_tokens": 16,
                                                        "data.overlong": "skip"})  # fmt: skip
     proc = launch(over, nproc=1, launcher="python", check=False, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {shards}: no train record fits a row of 16 tokens"), last
     assert "Traceback" not in proc.stderr
