@@ -186,8 +186,12 @@ class PackedDataset:
                 continue
             sid = int(self._part[self._cursor])
             src, views = self.record(sid)
-            layout = packing.fit_record(views, self._configs[src], with_jepa, self.stats)
+            # Counted once the record is placed or skipped: one that opens the next row is
+            # fitted again there.
+            fit = packing.PackStats(seq_len=self.seq_len)
+            layout = packing.fit_record(views, self._configs[src], with_jepa, fit)
             if layout is None:  # skipped by the overlong policy (counted in stats)
+                self._count_fit(fit)
                 self._cursor += 1
                 self.stats.records += 1
                 self._skipped_in_a_row += 1
@@ -196,6 +200,7 @@ class PackedDataset:
             self._skipped_in_a_row = 0
             if used + len(layout) > self.seq_len:
                 break  # the record opens the next row; the cursor stays on it
+            self._count_fit(fit)
             layouts.append(layout)
             ids.append(sid)
             used += len(layout)
@@ -208,6 +213,11 @@ class PackedDataset:
         self.stats.tokens += used
         self.stats.jepa_pairs += len(row["pred_index"])
         return row
+
+    def _count_fit(self, fit: packing.PackStats) -> None:
+        self.stats.truncated += fit.truncated
+        self.stats.skipped_overlong += fit.skipped_overlong
+        self.stats.jepa_dropped_overlong += fit.jepa_dropped_overlong
 
     def _check_progress(self) -> None:
         """A looping dataset whose every record is skipped would loop forever: after two epochs'

@@ -90,7 +90,7 @@ class PackStats:
     rows: int = 0
     tokens: int = 0  # non-padding tokens
     jepa_pairs: int = 0
-    jepa_dropped_overlong: int = 0  # JEPA segments left out because the record would not fit
+    jepa_dropped_overlong: int = 0  # records whose JEPA segments were left out for length
     truncated: int = 0
     skipped_overlong: int = 0
 
@@ -203,7 +203,8 @@ def fit_record(
     layout = layout_record(views, cfg, with_jepa)
     if len(layout) <= cfg.seq_len:
         return layout
-    if with_jepa and layout.pairs:
+    had_pairs = with_jepa and bool(layout.pairs)
+    if had_pairs:
         layout = layout_record(views, cfg, with_jepa=False)
         if len(layout) <= cfg.seq_len:
             stats.jepa_dropped_overlong += 1
@@ -212,6 +213,7 @@ def fit_record(
         stats.skipped_overlong += 1
         return None
     stats.truncated += 1
+    stats.jepa_dropped_overlong += had_pairs  # a truncated record keeps no JEPA segments
     T = cfg.seq_len
     labels = layout.labels[:T].copy()
     labels[-1] = IGNORE_INDEX  # its target was cut off

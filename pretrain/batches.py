@@ -16,6 +16,7 @@ prefetched ones: resume stays bit-exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data_pipeline.packing import PackStats
 from pretrain.config import TrainConfig
 from pretrain.metrics import BatchWork, batch_work
 from pretrain.objective import HOST_KEYS, add_label_index, batch_counts
@@ -54,6 +56,8 @@ class StepInput:
     """Tokens (LM, JEPA-extra), labelled positions and attended pairs of this rank's rows."""
     data_state: dict
     """This rank's dataset position after these micro-batches."""
+    pack_stats: PackStats
+    """This rank's packing statistics so far (records truncated, skipped, JEPA dropped, …)."""
     pack_s: float
     """Seconds spent packing them (in the background when prefetching)."""
 
@@ -68,7 +72,8 @@ def build_step_input(ds, cfg: TrainConfig, step: int, with_jepa: bool, pin: bool
         work = work + batch_work(host)
         micro.append(as_tensors(host, pin))
     state = copy.deepcopy(ds.state_dict())
-    return StepInput(step, with_jepa, micro, counts, work, state, time.perf_counter() - t0)
+    stats = dataclasses.replace(ds.stats)
+    return StepInput(step, with_jepa, micro, counts, work, state, stats, time.perf_counter() - t0)
 
 
 def as_tensors(batch: dict[str, np.ndarray], pin: bool) -> dict[str, torch.Tensor]:

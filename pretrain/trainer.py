@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.packing import PackStats
 from pretrain import checkpoint as ckpt
 from pretrain import preemption
 from pretrain.batches import StepInput, StepInputs, to_device
@@ -94,6 +95,7 @@ class Run:
     shape: ModelShape
     inputs: StepInputs | None = None
     lock: RunDirLock | None = None
+    warned_no_pairs: bool = False
     step: int = 0
     skipped_steps: int = 0
     tokens_seen: int = 0
@@ -111,6 +113,8 @@ class StepResult:
     """This rank's tokens, labelled positions and attended pairs (host)."""
     with_jepa: bool
     applied: bool
+    pack_stats: PackStats
+    """This rank's packing statistics so far."""
     wait_s: float
     """Seconds the step waited for its batches (0 when they were packed ahead in time)."""
     extra: dict[str, float] = field(default_factory=dict)
@@ -269,7 +273,7 @@ def train_step(run: Run, step_in: StepInput, wait_s: float = 0.0) -> StepResult:
         sums += torch.stack([out.lm_sum.detach(), out.aux_sum.detach(), out.cos_sum, loss.detach()])
     return StepResult(
         sums=sums, counts=counts, work=step_in.work, with_jepa=step_in.with_jepa,
-        applied=engine.was_step_applied(), wait_s=wait_s,
+        applied=engine.was_step_applied(), pack_stats=step_in.pack_stats, wait_s=wait_s,
     )  # fmt: skip
 
 
@@ -277,11 +281,14 @@ def log_step(run: Run, res: StepResult, lr: float, step_s: float) -> dict[str, f
     """Reduces the step's sums over ranks and writes the scalars: the log step's host sync."""
     cfg, world, w = run.cfg, get_world_size(), res.work
     flops = training_flops(w, run.shape)
-    local = [w.lm_tokens, w.jepa_extra_tokens, flops]
+    p = res.pack_stats
+    local = [w.lm_tokens, w.jepa_extra_tokens, flops, p.records, p.truncated, p.skipped_overlong,
+             p.jepa_dropped_overlong, p.tokens, p.rows * p.seq_len]  # fmt: skip
     reduced = all_reduce_sum(
         torch.cat([res.sums, torch.tensor(local, dtype=torch.float64, device=res.sums.device)])
     )
-    lm_sum, aux_sum, cos_sum, total, lm_tok, extra_tok, flops_total = reduced.tolist()
+    lm_sum, aux_sum, cos_sum, total, lm_tok, extra_tok, flops_total, *packing = reduced.tolist()
+    records, truncated, skipped, jepa_dropped, tokens, slots = packing
     n_lm, n_aux = res.counts.tolist()
     tokens_rank = w.lm_tokens + w.jepa_extra_tokens
     s = {
@@ -296,8 +303,20 @@ def log_step(run: Run, res: StepResult, lr: float, step_s: float) -> dict[str, f
         "data_wait_share": res.wait_s / step_s,
         "skipped_steps": run.skipped_steps,
         "jepa/rows_with_jepa": float(res.with_jepa),
+        # packing so far (all ranks): what the rows lost to data.seq_len_tokens
+        "data/truncated_share": truncated / max(records, 1),
+        "data/skipped_overlong_share": skipped / max(records, 1),
+        "data/jepa_dropped_share": jepa_dropped / max(records, 1),
+        "data/non_padding_share": tokens / max(slots, 1),
         **memory_gib(),
     }
+    if res.with_jepa and n_aux == 0 and not run.warned_no_pairs:
+        run.warned_no_pairs = True
+        print0(
+            f"WARNING: step {run.step} packed no JEPA pairs on any rank: the JEPA term adds nothing "
+            f"({jepa_dropped / max(records, 1):.0%} of records so far had their view segments "
+            f"dropped to fit data.seq_len_tokens={cfg.data.seq_len_tokens}; raise it)"
+        )
     if n_aux > 0:
         name = "loss/stp" if cfg.jepa.objective == "stp" else "loss/jepa"
         s[name] = aux_sum / n_aux

@@ -86,7 +86,8 @@ def test_tensorboard_scalars_present_and_finite(straight):
     expected = {
         "loss/lm", "loss/jepa", "loss/total", "jepa/cosine", "lr", "grad_norm",
         "tokens_per_s/rank", "tokens_per_s/total", "tokens_per_s/lm", "tokens_per_s/jepa_extra",
-        "memory/max_rss_gib", "data_wait_share",
+        "memory/max_rss_gib", "data_wait_share", "data/truncated_share",
+        "data/skipped_overlong_share", "data/jepa_dropped_share", "data/non_padding_share",
         "skipped_steps", "eval/loss_lm", "eval/loss_jepa", "eval/cosine", "repr/cosine",
         "repr/effective_rank",
     }  # fmt: skip
@@ -175,3 +176,31 @@ def test_no_shared_memory_is_left_behind(bundled_shards, tmp_path):
         proc.wait(timeout=30)
     time.sleep(1)  # the kernel frees unlinked segments as the last mapping goes
     assert _shm_buffers(port) == []
+
+
+def test_a_jepa_run_whose_rows_hold_no_pairs_says_so(tokenizer_dir, tmp_path):
+    """Rows shorter than the records: every record is truncated and loses its JEPA segments.
+    Before: the run trained with no JEPA term and loss/jepa just went missing."""
+    from conftest import chat, write_jsonl
+
+    from data_pipeline.preprocess import preprocess
+
+    long = " ".join(["lines containing the word dog"] * 6)
+    src = write_jsonl(tmp_path / "long.jsonl", [chat(f"{long} {i}", ".*dog.*") for i in range(40)])
+    shards = tmp_path / "shards"
+    preprocess(str(src), "messages", str(tokenizer_dir), str(shards), num_workers=1,
+               val_fraction=0.2, progress=False)  # fmt: skip
+    run_dir = tmp_path / "run"
+    proc = launch(tiny_overrides(shards, run_dir, **{"data.seq_len_tokens": 16,
+                                                     "schedule.train_steps": 3,
+                                                     "logging.eval_every_steps": 0}),
+                  nproc=1, launcher="python")  # fmt: skip
+    warnings = [ln for ln in proc.stdout.splitlines() if "packed no JEPA pairs" in ln]
+    assert len(warnings) == 1 and "100% of records" in warnings[0], proc.stdout[-2000:]
+    assert "data.seq_len_tokens=16" in warnings[0]
+    rows = read_metrics(run_dir)
+    assert all(
+        r["data/jepa_dropped_share"] == 1.0 and r["data/truncated_share"] == 1.0 for r in rows
+    )
+    assert all("loss/jepa" not in r for r in rows)
+    assert 0 < rows[-1]["data/non_padding_share"] <= 1.0
