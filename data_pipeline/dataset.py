@@ -35,7 +35,7 @@ class _Source:
     """One shard folder's split: record lookup and its packing rules."""
 
     def __init__(self, folder: Path, split: str, verify_checksums: bool):
-        problems = verify_folder(folder, full=verify_checksums)
+        problems = verify_folder(folder, full=verify_checksums, leftovers=False)
         if problems:
             raise ShardError(f"{folder}: " + "; ".join(problems))
         self.folder = folder

@@ -100,6 +100,10 @@ def process_unit(args: tuple) -> dict:
     unit_id, unit, settings, tokenizer_json, out_dir, strict = args
     tok = _load_backend(tokenizer_json)
     shard_dir = Path(out_dir) / "shards"
+    # Temporary files of this unit left by a writer that was killed or failed (named by its pid,
+    # so nothing else removes them). A unit is written by one task at a time: they are stale.
+    for stale in shard_dir.glob(f"{unit_id:05d}.*.tmp*"):
+        stale.unlink(missing_ok=True)
     dtype = shard_io.np.dtype(settings.dtype)
     n_views = len(settings.views.names)
     writers = {

@@ -40,8 +40,10 @@ def manifest_hash(folder: str | Path) -> str:
     return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()
 
 
-def verify_folder(folder: str | Path, full: bool = True) -> list[str]:
-    """Problems found, one line each, each naming the file; [] means the folder is sound."""
+def verify_folder(folder: str | Path, full: bool = True, leftovers: bool = True) -> list[str]:
+    """Problems found, one line each, each naming the file; [] means the folder is sound.
+    leftovers: also report temporary files of killed writers (harmless to readers of the
+    finished shards, so training start does not ask)."""
     folder = Path(folder)
     try:
         manifest = load_manifest(folder)
@@ -81,6 +83,10 @@ def verify_folder(folder: str | Path, full: bool = True) -> list[str]:
     if manifest["input_records"] != manifest["written_records"] + skipped:
         problems.append(f"{folder}/manifest.json: {manifest['input_records']} input records != "
                         f"{manifest['written_records']} written + {skipped} skipped")  # fmt: skip
+    stale = [*folder.glob("*.tmp*"), *(folder / "shards").glob("*.tmp*")] if leftovers else []
+    for leftover in sorted(stale):
+        problems.append(f"{leftover}: temporary file of a killed or failed writer; rerunning "
+                        "preprocess removes it (or delete it)")  # fmt: skip
     if full:
         problems.extend(_verify_tokenizer(folder, manifest))
     return problems

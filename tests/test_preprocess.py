@@ -214,6 +214,23 @@ def test_rerun_skips_finished_and_redoes_partial_shards(tmp_path, tokenizer_dir)
         run(BUNDLED / "test.jsonl", out, tokenizer_dir, shard_bytes=100_000, max_record_tokens=7)
 
 
+def test_temporary_files_of_a_killed_writer_are_reported_and_cleaned(tmp_path, tokenizer_dir):
+    """Before: `*.bin.tmp<pid>` files of a killed preprocessing run stayed for good, and verify
+    said OK."""
+    out = tmp_path / "o"
+    run(BUNDLED / "test.jsonl", out, tokenizer_dir, shard_bytes=100_000)
+    (out / "shards" / "00001.json").unlink()  # unit 1's task was killed while writing
+    stale = [out / "shards" / "00001.train.bin.tmp4242", out / "shards" / "00001.val.idx.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    problems = verify_folder(out)
+    assert [p.split(":")[0] for p in problems] == [str(p) for p in sorted(stale)], problems
+    assert all("temporary file of a killed or failed writer" in p for p in problems)
+    run(BUNDLED / "test.jsonl", out, tokenizer_dir, shard_bytes=100_000)  # the rerun redoes unit 1
+    assert not any(p.exists() for p in stale)
+    assert verify_folder(out) == []
+
+
 MEASURE = """
 import resource, subprocess, sys
 subprocess.run(sys.argv[1:], check=True, capture_output=True)
