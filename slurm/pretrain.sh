@@ -64,9 +64,16 @@ on_usr1() {
     echo "[pretrain.sh] $(date -Is) preemption warning (USR1): forwarding to the ranks"
     forward_usr1
 }
+# A launcher task ignores USR1 only once its `trap '' USR1` has run: a signal in the first moments
+# of the step would kill it (the job then FAILS instead of requeueing). So nothing is forwarded
+# in the step's first STEP_SETTLE_S seconds; the loop below forwards it as soon as they are over.
+STEP_SETTLE_S=5
+step_started=0
 forward_usr1() {
-    last_forward=$SECONDS
-    if [[ -n "${step_pid:-}" ]]; then kill -USR1 "$step_pid" 2>/dev/null; fi
+    if [[ -n "${step_pid:-}" ]] && (( SECONDS - step_started >= STEP_SETTLE_S )); then
+        last_forward=$SECONDS
+        kill -USR1 "$step_pid" 2>/dev/null
+    fi
 }
 trap on_usr1 USR1
 PREEMPT_EXIT_CODE=75  # = pretrain.preemption.PREEMPT_EXIT_CODE (a test checks they agree)
@@ -141,13 +148,13 @@ srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$
         '"$LAUNCHER_ARGS"' pretrain/main.py "${@:3}"' \
     launcher "$HOSTFILE" "$LOG_DIR" "$CONFIG" "$@" run_dir="$RUN_DIR" &
 step_pid=$!
-(( preempted )) && forward_usr1
+step_started=$SECONDS
 # Short sleeps rather than one `wait` on srun: the USR1 trap runs as soon as it arrives, and the
 # warning can be repeated until the step is over.
 while kill -0 "$step_pid" 2>/dev/null; do
     sleep 2 &
     wait $! 2>/dev/null
-    if (( preempted && SECONDS - last_forward >= 10 )); then forward_usr1; fi
+    if (( preempted && (last_forward == 0 || SECONDS - last_forward >= 10) )); then forward_usr1; fi
 done
 wait "$step_pid"
 rc=$?
