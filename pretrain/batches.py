@@ -1,6 +1,6 @@
 """The input side of a step: which rows it builds, its micro-batches packed ahead in a thread.
 
-    inputs = StepInputs(train_ds, cfg, start_step, dev)
+    inputs = StepInputs(train_ds, cfg, start_step, pin=on_cuda)
     step_in = inputs.next()          # StepInput of the next step (blocks only if not ready)
     ...
     inputs.consumed_state            # dataset position after the last step handed out
@@ -58,13 +58,10 @@ class StepInput:
     """This rank's dataset position after these micro-batches."""
     pack_stats: PackStats
     """This rank's packing statistics so far (records truncated, skipped, JEPA dropped, …)."""
-    pack_s: float
-    """Seconds spent packing them (in the background when prefetching)."""
 
 
 def build_step_input(ds, cfg: TrainConfig, step: int, with_jepa: bool, pin: bool) -> StepInput:
     """Packs the step's micro-batches from ds (advancing it) on the calling thread."""
-    t0 = time.perf_counter()
     micro, counts, work = [], np.zeros(2), BatchWork()
     for _ in range(cfg.data.grad_accum_steps):
         host = add_label_index(ds.next_batch(cfg.data.micro_batch_rows, with_jepa))
@@ -73,7 +70,7 @@ def build_step_input(ds, cfg: TrainConfig, step: int, with_jepa: bool, pin: bool
         micro.append(as_tensors(host, pin))
     state = copy.deepcopy(ds.state_dict())
     stats = dataclasses.replace(ds.stats)
-    return StepInput(step, with_jepa, micro, counts, work, state, stats, time.perf_counter() - t0)
+    return StepInput(step, with_jepa, micro, counts, work, state, stats)
 
 
 def as_tensors(batch: dict[str, np.ndarray], pin: bool) -> dict[str, torch.Tensor]:
@@ -121,16 +118,21 @@ class StepInputs:
     def _produce(self, step: int) -> None:
         try:
             while not self._stop.is_set():
-                item = build_step_input(self.ds, self.cfg, step, self.with_jepa_at(step), self.pin)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(
+                    build_step_input(self.ds, self.cfg, step, self.with_jepa_at(step), self.pin)
+                )
                 step += 1
         except BaseException as e:  # handed to the consumer, raised there
-            self._queue.put(e)
+            self._put(e)
+
+    def _put(self, item) -> None:
+        """Waits for room in the queue, unless the consumer has closed it."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def next(self) -> StepInput:
         t0 = time.perf_counter()

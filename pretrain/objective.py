@@ -96,14 +96,11 @@ class Objective(torch.nn.Module):
 
     # -- the decoder ---------------------------------------------------------------------------
 
-    def _compute_dtype(self) -> torch.dtype:
-        return model_lib.compute_dtype(self.model)
-
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(last (B, T, H) after the final norm: the LM head's input, the jepa.hidden_layer
         states (B, T, H) that JEPA and STP read) from the decoder without its LM head."""
         layer = self.jepa.hidden_layer
-        mask = build_attention(batch, self.attn_impl, self._compute_dtype())
+        mask = build_attention(batch, self.attn_impl, model_lib.compute_dtype(self.model))
         out = self.model.base_model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from pretrain.metrics import (
     MetricsWriter,
     ModelShape,
     memory_gib,
+    mfu,
     peak_flops_per_s,
     training_flops,
 )
@@ -117,7 +118,6 @@ class StepResult:
     """This rank's packing statistics so far."""
     wait_s: float
     """Seconds the step waited for its batches (0 when they were packed ahead in time)."""
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _dataset(cfg: TrainConfig, split: str, seed: int):
@@ -324,7 +324,7 @@ def log_step(run: Run, res: StepResult, lr: float, step_s: float) -> dict[str, f
             s["jepa/cosine"] = cos_sum / n_aux
     peak = peak_flops_per_s()
     if peak is not None:
-        s["mfu"] = flops_total / step_s / (peak * world)
+        s["mfu"] = mfu(flops_total, step_s, peak, world)
     run.metrics.log(run.step, s)
     return s
 
