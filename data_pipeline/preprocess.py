@@ -111,13 +111,16 @@ def process_unit(args: tuple) -> dict:
     }
     skipped: Counter = Counter()
     examples: list[tuple[int, str]] = []  # (record number, text): the first few in input order
+    damaged: list[str] = []  # every file whose rest could not be read, whatever the count above
     input_records = 0
 
     def skip(location: str, err: SkipRecord, number: int) -> None:
         if strict:
-            raise StrictError(f"{location}: {err.reason}: {err.detail}")
+            raise StrictError(err.describe(location))
         skipped[err.reason] += 1
-        examples.append((number, f"{location}: {err.reason}: {err.detail}"))
+        examples.append((number, err.describe(location)))
+        if err.ends_file:
+            damaged.append(err.describe(location))
         if len(examples) > 4 * MAX_SKIP_EXAMPLES:  # too_long is found later, in batches
             examples[:] = sorted(examples)[:MAX_SKIP_EXAMPLES]
 
@@ -157,7 +160,8 @@ def process_unit(args: tuple) -> dict:
         raise
 
     meta = {"unit": unit.to_dict(), "input_records": input_records, "skipped": dict(skipped),
-            "skip_examples": [e for _, e in sorted(examples)[:MAX_SKIP_EXAMPLES]], "shards": []}  # fmt: skip
+            "skip_examples": [e for _, e in sorted(examples)[:MAX_SKIP_EXAMPLES]],
+            "damaged_files": damaged, "shards": []}  # fmt: skip
     for split, w in writers.items():
         w.close()
         prefix = shard_dir / f"{unit_id:05d}.{split}"
@@ -171,6 +175,12 @@ def process_unit(args: tuple) -> dict:
     # The unit's json is its completion marker: written last, atomically.
     shard_io.write_atomic(shard_dir / f"{unit_id:05d}.json", _dumps(meta))
     return meta
+
+
+def _discard_unit(shard_dir: Path, unit_id: int) -> None:
+    """Removes every file of an unfinished unit: temporary files and shards without their json."""
+    for path in shard_dir.glob(f"{unit_id:05d}.*"):
+        path.unlink(missing_ok=True)
 
 
 def _dumps(obj) -> bytes:
@@ -197,12 +207,13 @@ def unit_is_done(out_dir: Path, unit_id: int) -> dict | None:
 
 def build_manifest(out_dir: Path, settings: Settings, inputs: list[Path], metas: list[dict],
                    specials: dict) -> dict:  # fmt: skip
-    shards, skipped, examples = [], Counter(), []
+    shards, skipped, examples, damaged = [], Counter(), [], []
     input_records = 0
     for meta in metas:
         input_records += meta["input_records"]
         skipped.update(meta["skipped"])
         examples.extend(meta["skip_examples"])
+        damaged.extend(meta.get("damaged_files", []))
         shards.extend({**s, "unit": meta["unit"]} for s in meta["shards"])
     splits = {}
     for split in SPLITS:
@@ -227,7 +238,9 @@ def build_manifest(out_dir: Path, settings: Settings, inputs: list[Path], metas:
         "input_records": input_records,
         "written_records": written,
         "skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
-        "skip_examples": examples[:MAX_SKIP_EXAMPLES],
+        # the first few skips, then every damaged file (a cut-short .gz) however late it comes
+        "skip_examples": examples[:MAX_SKIP_EXAMPLES]
+        + [d for d in damaged if d not in examples[:MAX_SKIP_EXAMPLES]],
         "splits": splits,
         "shards": shards,
     }
@@ -371,6 +384,15 @@ def _run_units(
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(records=records, tok_per_s=f"{tokens / dt:,.0f}")
             bar.update(1)
+    except BaseException:
+        if pool:  # stop the other workers before removing what they were writing
+            pool.terminate()
+            pool.join()
+            pool = None
+        for i in todo:  # this task's units: no other task writes them
+            if unit_is_done(out_dir, i) is None:
+                _discard_unit(out_dir / "shards", i)
+        raise
     finally:
         if pool:
             pool.terminate()

@@ -11,11 +11,14 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SKIP_REASONS = ("bad_json", "bad_utf8", "bad_record", "missing_view", "empty_view", "too_long")
+SKIP_REASONS = ("bad_json", "bad_utf8", "bad_record", "missing_view", "empty_view", "too_long",
+                "truncated_gzip", "bad_gzip")  # fmt: skip
+FILE_REASONS = ("truncated_gzip", "bad_gzip")
 _SCAN_BLOCK = 1 << 24  # 16 MiB reads while planning JSONL splits
 
 
@@ -28,6 +31,15 @@ class SkipRecord(Exception):
         assert reason in SKIP_REASONS, reason
         super().__init__(reason, detail)
         self.reason, self.detail = reason, detail
+
+    @property
+    def ends_file(self) -> bool:
+        """True for a damaged file: this one skip stands for the unreadable rest of it."""
+        return self.reason in FILE_REASONS
+
+    def describe(self, location: str) -> str:
+        """The one-line form used in logs, manifests and --strict errors."""
+        return f"{location}: {self.reason}: {self.detail}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,20 +199,33 @@ def _parse_json_line(raw: bytes) -> dict | SkipRecord:
 
 
 def _iter_jsonl(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
-    if unit.kind == "jsonl_gz":
-        f = gzip.open(unit.path, "rb")
-    else:
-        f = open(unit.path, "rb")
-        f.seek(unit.start)
-    with f:
+    gz = unit.kind == "jsonl_gz"
+    with gzip.open(unit.path, "rb") if gz else open(unit.path, "rb") as f:
+        if not gz:
+            f.seek(unit.start)
         pos, line_no = unit.start, unit.first_line
-        for raw in f:
-            if unit.kind == "jsonl" and pos >= unit.end:
-                break
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines, None)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # only gzip raises these
+                # The lines read so far stay; the rest of the file is one counted skip.
+                yield f"{unit.path}:{line_no}", _gzip_damage(e)
+                return
+            if raw is None or (not gz and pos >= unit.end):
+                return
             pos += len(raw)
             if raw.strip():  # blank lines are not records
                 yield f"{unit.path}:{line_no}", _parse_json_line(raw)
             line_no += 1
+
+
+def _gzip_damage(e: Exception) -> SkipRecord:
+    if isinstance(e, EOFError):  # "Compressed file ended before the end-of-stream marker ..."
+        return SkipRecord(
+            "truncated_gzip", "compressed data ends early (file cut short); the rest is lost"
+        )
+    return SkipRecord("bad_gzip", f"{e}; the rest of the file is lost")  # not gzip, or corrupt
 
 
 def _iter_parquet(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
@@ -298,16 +323,22 @@ class ViewSpec:
 
 
 def iter_view_texts(
-    inputs: str | list[str], views: str | list[str], system_prompt: str = "drop"
+    inputs: str | list[str],
+    views: str | list[str],
+    system_prompt: str = "drop",
+    on_skip: Callable[[str, SkipRecord], None] | None = None,
 ) -> Iterator[str]:
     """The text of every view of every valid record (tokenizer training). Bad records are
-    skipped here; preprocessing counts them."""
+    skipped; on_skip(location, reason) hears of each one."""
     spec = ViewSpec.parse(views, system_prompt)
     for unit in plan_units(expand_inputs(inputs), shard_bytes=1 << 62):
-        for _, record in iter_unit(unit):
-            if isinstance(record, SkipRecord):
-                continue
+        for location, record in iter_unit(unit):
             try:
-                yield from spec.extract(record)
-            except SkipRecord:
+                if isinstance(record, SkipRecord):
+                    raise record
+                texts = spec.extract(record)
+            except SkipRecord as err:
+                if on_skip is not None:
+                    on_skip(location, err)
                 continue
+            yield from texts

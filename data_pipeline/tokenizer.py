@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -395,11 +396,24 @@ def _cmd_train(args) -> None:
         from data_pipeline.sources import iter_view_texts
     except ImportError as e:
         raise ImportError(f"cannot import data_pipeline.sources.iter_view_texts: {e}") from None
-    stream = _TextStream(iter_view_texts(args.inputs, args.views, system_prompt=args.system_prompt))
+    skipped: Counter = Counter()
+    examples: list[str] = []  # the first few skips (as preprocess) and every damaged file
+
+    def on_skip(location, err) -> None:
+        skipped[err.reason] += 1
+        if len(examples) < 5 or err.ends_file:
+            examples.append(err.describe(location))
+
+    texts = iter_view_texts(args.inputs, args.views, args.system_prompt, on_skip=on_skip)
+    stream = _TextStream(texts)
     tok = train_tokenizer(
         stream, args.out, args.vocab_size, args.num_predictor_tokens, args.max_sentences, args.seed
     )
     _print_summary(tok, args.out, f", trained on {stream.count} texts")
+    if skipped:
+        print(f"  skipped {skipped.total()} records {dict(skipped)}")
+        for line in examples:
+            print(f"  skipped {line}")
 
 
 def _cmd_extend(args) -> None:

@@ -12,6 +12,7 @@ from conftest import BUNDLED, chat, run_module, write_jsonl
 from data_pipeline.dataset import PackedDataset
 from data_pipeline.preprocess import preprocess, unit_is_done
 from data_pipeline.shards import ShardReader
+from data_pipeline.sources import SKIP_REASONS
 from data_pipeline.tokenizer import load_tokenizer
 from data_pipeline.verify import verify_folder
 
@@ -95,8 +96,10 @@ def test_bad_input_is_counted_by_reason(tmp_path, tokenizer_dir):
     path = _bad_input(tmp_path)
     m = run(path, tmp_path / "out", tokenizer_dir, max_record_tokens=200, val_fraction=0.0)
     assert m["input_records"] == 8 and m["written_records"] == 2
-    assert m["skipped"] == {"bad_json": 1, "bad_utf8": 1, "bad_record": 1, "missing_view": 1,
-                            "empty_view": 1, "too_long": 1}  # fmt: skip
+    assert {k: v for k, v in m["skipped"].items() if v} == {
+        "bad_json": 1, "bad_utf8": 1, "bad_record": 1, "missing_view": 1, "empty_view": 1,
+        "too_long": 1}  # fmt: skip
+    assert list(m["skipped"]) == list(SKIP_REASONS)  # every reason, 0 or not
     assert m["input_records"] == m["written_records"] + sum(m["skipped"].values())
     locs = [e.split(": ")[0] for e in m["skip_examples"]]
     assert locs == [f"{path}:{n}" for n in (2, 3, 4, 5, 7)]  # first five, file:line
@@ -257,3 +260,49 @@ def test_memory_does_not_grow_with_input_size(tmp_path, tokenizer_dir):
             int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout) / 1024
         )
     assert peaks["big"] < peaks["small"] + 48, peaks  # MiB
+
+
+def _damaged_gzips(tmp_path) -> tuple[Path, Path, int]:
+    """A .jsonl.gz cut in half and a plain JSONL file named .jsonl.gz; the number of whole lines
+    that the first half holds (decompressed independently, by zlib)."""
+    import zlib
+
+    lines = "".join(json.dumps(chat(f"question {i}", f"answer {i}")) + "\n" for i in range(3000))
+    data = gzip.compress(lines.encode())
+    cut = tmp_path / "a_cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    whole_lines = zlib.decompressobj(31).decompress(cut.read_bytes()).count(b"\n")
+    assert 0 < whole_lines < 3000
+    not_gzip = tmp_path / "b_plain.jsonl.gz"
+    not_gzip.write_text(lines[:1000])
+    return cut, not_gzip, whole_lines
+
+
+def test_damaged_gzip_keeps_the_lines_before_the_damage_and_counts_the_rest(
+    tmp_path, tokenizer_dir
+):
+    """Before: EOFError / BadGzipFile traceback naming no file, every record lost, and the other
+    worker's `*.bin.tmp<pid>` files left behind."""
+    cut, not_gzip, whole_lines = _damaged_gzips(tmp_path)
+    good = BUNDLED / "train.jsonl"
+    n_good = len(good.read_text().splitlines())
+    args = ["--views", "messages", "--tokenizer", tokenizer_dir, "--num_workers", "2",
+            "--val_fraction", "0", "--progress", "False"]  # fmt: skip
+    proc = run_module("data_pipeline.preprocess", "--inputs", f"{cut},{not_gzip},{good}", *args,
+                      "--out", tmp_path / "o", check=False)  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["written_records"] == whole_lines + n_good
+    assert {k: v for k, v in m["skipped"].items() if v} == {"truncated_gzip": 1, "bad_gzip": 1}
+    assert m["input_records"] == m["written_records"] + 2
+    truncated = (f"{cut}:{whole_lines + 1}: truncated_gzip: compressed data ends early "
+                 "(file cut short); the rest is lost")  # fmt: skip
+    not_gz = f"{not_gzip}:1: bad_gzip: Not a gzipped file (b'{{\"'); the rest of the file is lost"
+    assert m["skip_examples"] == [truncated, not_gz]
+    assert f"[preprocess]   skipped {truncated}" in proc.stdout.splitlines()
+    assert verify_folder(tmp_path / "o") == []
+    # --strict: one line, exit 2, and nothing of any unit left (the other worker was stopped)
+    proc = run_module("data_pipeline.preprocess", "--inputs", f"{cut},{good}", *args,
+                      "--out", tmp_path / "s", "--strict", check=False)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {truncated}", proc.stderr
+    assert list((tmp_path / "s" / "shards").iterdir()) == []

@@ -1,11 +1,13 @@
 """Tests for data_pipeline.tokenizer: SentencePiece training, HF equivalence, extension, CLI."""
 
+import gzip
 import json
 import os
 import random
 import subprocess
 import sys
 import types
+import zlib
 from pathlib import Path
 
 import pytest
@@ -280,7 +282,7 @@ def test_long_texts_are_kept_not_skipped(tmp_path):
 def shim_sources(monkeypatch):
     """A stand-in for data_pipeline.sources.iter_view_texts: user + assistant texts of JSONL files."""
 
-    def iter_view_texts(inputs, views, system_prompt="drop"):
+    def iter_view_texts(inputs, views, system_prompt="drop", on_skip=None):
         assert views == "messages" and system_prompt == "drop"
         for path in [inputs] if isinstance(inputs, str) else inputs:
             if not Path(path).is_file():
@@ -406,3 +408,25 @@ def test_cli_train_with_real_sources(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "none*.jsonl" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_train_reads_a_damaged_gzip_up_to_the_damage(tmp_path, capsys):
+    """Before: EOFError traceback (cut-short .gz) or "error: Not a gzipped file" naming no file."""
+    lines = SYNTH.read_bytes().splitlines(keepends=True)[:2000]
+    data = gzip.compress(b"".join(lines))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    whole_lines = zlib.decompressobj(31).decompress(cut.read_bytes()).count(b"\n")
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_bytes(b"".join(lines[:10]))
+    argv = ["train", "--inputs", str(cut), str(not_gzip), "--views", "messages",
+            "--out", str(tmp_path / "tok"), "--vocab_size", "500"]  # fmt: skip
+    main(argv)
+    printed = capsys.readouterr().out.splitlines()
+    assert f", trained on {2 * whole_lines} texts" in printed[0]  # user + assistant per record
+    assert printed[-3:] == [
+        "  skipped 2 records {'truncated_gzip': 1, 'bad_gzip': 1}",
+        f"  skipped {cut}:{whole_lines + 1}: truncated_gzip: compressed data ends early "
+        "(file cut short); the rest is lost",
+        f"  skipped {not_gzip}:1: bad_gzip: Not a gzipped file (b'{{\"'); the rest of the file is lost",
+    ]
