@@ -94,8 +94,15 @@ def main(
 
 
 def _user_error(line: str) -> None:
-    """One line on stderr and exit status 2, no traceback."""
-    print(line, file=sys.stderr, flush=True)
+    """One line on stderr and exit status 2, no traceback. Under `python -m pretrain.launch` the
+    line goes to the launcher, which prints each distinct rank's line once."""
+    error_dir = os.environ.get("PRETRAIN_ERROR_DIR")
+    if error_dir and Path(error_dir).is_dir():
+        rank = os.environ.get("RANK", "0")
+        with open(Path(error_dir) / f"rank{rank}", "a") as f:
+            print(line, file=f)
+    else:
+        print(line, file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 

@@ -55,6 +55,8 @@ from pretrain.metrics import (
 from pretrain.rundir import RunDirBusyError, RunDirLock
 from pretrain.validation import evaluate, stp_seed
 
+STOP = preemption.PREEMPT_EXIT_CODE
+
 # --------------------------------------------------------------------------------------------
 # Schedule
 
@@ -164,12 +166,14 @@ def own_run_dir(run_dir: Path) -> RunDirLock | None:
 
 def setup(cfg: TrainConfig) -> Run:
     init_distributed()
-    lock = own_run_dir(Path(cfg.run_dir))
+    lock = None
     try:
+        lock = own_run_dir(Path(cfg.run_dir))
         run = _setup(cfg)
     except BaseException:
         if lock is not None:
             lock.release()
+        destroy_distributed(barrier=False)  # else the exit aborts now and then (see teardown)
         raise
     run.lock = lock
     return run
@@ -345,10 +349,14 @@ def every(step: int, n: int) -> bool:
 
 
 def train(cfg: TrainConfig) -> None:
-    preemption.install_handler()  # first: a signal during setup is acted on at the first step
+    preemption.install_handler()  # first: a signal during setup is acted on after it
+    preemption.watch_deepspeed_runner()
     with preemption.held():  # ... but kills no child of the setup (the JIT build's compiler)
         run = setup(cfg)
     try:
+        if preemption.stop_requested():  # a collective; no step taken, so nothing new to save
+            print0(f"stop requested during the setup: no step taken, exiting with {STOP}")
+            raise SystemExit(STOP)
         start_inputs(run)
         loop(run)
     except BaseException:
@@ -401,9 +409,9 @@ def loop(run: Run) -> None:
             why = preemption.received_signal()
             print0(
                 f"stop requested ({why.name if why else 'signal on another rank'}): checkpoint at step "
-                f"{run.step} saved, exiting with {preemption.PREEMPT_EXIT_CODE}"
+                f"{run.step} saved, exiting with {STOP}"
             )
-            raise SystemExit(preemption.PREEMPT_EXIT_CODE)
+            raise SystemExit(STOP)
         if consecutive_bad >= cfg.optim.max_nonfinite_steps:
             save(run)  # skipped steps changed no weights: this is the last good state
             raise NonFiniteError(

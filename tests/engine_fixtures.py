@@ -56,6 +56,9 @@ def launch_command(overrides: list[str], nproc: int, launcher: str, port: int) -
         cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}", *script]
     elif launcher == "deepspeed":
         cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}", *script]
+    elif launcher == "launch":  # pretrain/launch.py
+        cmd = [sys.executable, "-m", "pretrain.launch", f"--nproc={nproc}", f"--master_port={port}",
+               *script]  # fmt: skip
     elif launcher == "python":
         assert nproc == 1
         cmd = [sys.executable, *script]

@@ -106,3 +106,10 @@ def test_two_ranks_agree_when_only_one_got_the_signal():
     expected = [False, False, False, True, True]
     assert results[0]["decisions"] == expected and results[1]["decisions"] == expected
     assert results[0]["signal"] is None and results[1]["signal"] == "SIGUSR1"
+
+
+def test_first_sigint_stops_with_a_checkpoint_second_interrupts(handler):
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.received_signal() == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
