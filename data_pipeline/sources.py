@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SKIP_REASONS = ("bad_json", "bad_utf8", "bad_record", "missing_view", "empty_view", "too_long",
-                "truncated_gzip", "bad_gzip")  # fmt: skip
+from data_pipeline.tokenizer import lone_surrogate
+
+SKIP_REASONS = ("bad_json", "bad_utf8", "lone_surrogate", "bad_record", "missing_view",
+                "empty_view", "too_long", "truncated_gzip", "bad_gzip")  # fmt: skip
 FILE_REASONS = ("truncated_gzip", "bad_gzip")
 _SCAN_BLOCK = 1 << 24  # 16 MiB reads while planning JSONL splits
 
@@ -284,9 +286,15 @@ class ViewSpec:
         return self.fields
 
     def extract(self, record: dict) -> list[str]:
-        """The record's views as strings, or SkipRecord(missing_view / empty_view / bad_record)."""
-        if self.mode == "messages":
-            return self._extract_messages(record)
+        """The record's views as strings, or SkipRecord(missing_view / empty_view / bad_record /
+        lone_surrogate)."""
+        views = self._extract_messages(record) if self.mode == "messages" else self._fields(record)
+        for name, text in zip(self.names, views):
+            if why := lone_surrogate(text):
+                raise SkipRecord("lone_surrogate", f"view {name!r}: {why}")
+        return views
+
+    def _fields(self, record: dict) -> list[str]:
         views = []
         for name in self.fields:
             value = record.get(name)

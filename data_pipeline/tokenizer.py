@@ -74,6 +74,20 @@ def extra_tokens(num_predictor_tokens: int) -> list[str]:
     return [VIEW_SEP] + [predictor_token(i) for i in range(1, num_predictor_tokens + 1)]
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Where `text` holds a lone UTF-16 surrogate, or None. A JSON escape such as "\\ud800"
+    without its pair decodes to one; such a string is not Unicode text, and SentencePiece and
+    `tokenizers` reject it with errors that name no input."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")  # fails on surrogates only
+    except UnicodeEncodeError as e:
+        char = f"U+{ord(text[e.start]):04X}"
+        return f"lone surrogate {char} at character {e.start} (half of a UTF-16 pair, not text)"
+    return None
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -83,6 +97,7 @@ class _TextStream:
 
     def __init__(self, texts: Iterable[str]):
         self._it = iter(texts)
+        self._read = 0  # texts taken from the source, empty ones included
         self.count = 0
         self.error: BaseException | None = None
 
@@ -93,8 +108,11 @@ class _TextStream:
         try:
             while True:
                 text = next(self._it)
+                self._read += 1
                 if text:
                     self.count += 1
+                    if why := lone_surrogate(text):
+                        raise ValueError(f"texts[{self._read - 1}]: {why}")
                     return text[:_MAX_SENTENCE_CHARS]
         except StopIteration:
             raise
@@ -368,6 +386,11 @@ def encode_views(tok: PreTrainedTokenizerFast, texts: list[str]) -> list[list[in
     backend.encode_special_tokens = True  # "<|view_sep|>" in user text stays plain text
     try:
         encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+    except TypeError:  # "TextEncodeInput must be Union[...]": name the text that caused it
+        for i, text in enumerate(texts):
+            if why := lone_surrogate(text):
+                raise ValueError(f"texts[{i}]: {why}") from None
+        raise
     finally:
         backend.encode_special_tokens = previous
     return [e.ids for e in encodings]

@@ -306,3 +306,33 @@ def test_damaged_gzip_keeps_the_lines_before_the_damage_and_counts_the_rest(
                       "--out", tmp_path / "s", "--strict", check=False)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {truncated}", proc.stderr
     assert list((tmp_path / "s" / "shards").iterdir()) == []
+
+
+def _record(views: str, first: str, second: str = "SELECT 1") -> dict:
+    if views == "messages":
+        return chat(first, second)
+    return {"text": first} if views == "text" else {"question": first, "sql": second}
+
+
+@pytest.mark.parametrize(
+    "views, bad, where",
+    [
+        ("text", {"text": "abc \ud800 def"}, "view 'text': lone surrogate U+D800 at character 4"),
+        ("question,sql", _record("question,sql", "ok", "\udc00 x"), "view 'sql': lone surrogate U+DC00 at character 0"),
+        ("messages", chat("what \ud83d", "x"), "view 'user': lone surrogate U+D83D at character 5"),
+    ],
+)  # fmt: skip
+def test_lone_surrogate_escape_is_counted_by_reason(tmp_path, tokenizer_dir, views, bad, where):
+    """A JSON escape like "\\ud800" without its pair. Before: a `tokenizers` TypeError ("TextEncodeInput
+    must be Union[...]") naming neither file nor line, and no output."""
+    records = [_record(views, "a pair \U0001f600 is fine"), bad, _record(views, "two")]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    assert "\\ud" in path.read_text().splitlines()[1]  # the escape, as scraped JSONL has it
+    m = run(path, tmp_path / "out", tokenizer_dir, views=views, val_fraction=0.0)
+    assert m["written_records"] == 2 and m["input_records"] == 3
+    assert {k: v for k, v in m["skipped"].items() if v} == {"lone_surrogate": 1}
+    assert m["skip_examples"] == [
+        f"{path}:2: lone_surrogate: {where} (half of a UTF-16 pair, not text)"
+    ]
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer")
+    assert tok.decode(all_records(tmp_path / "out")[0][0]) == "a pair \U0001f600 is fine"

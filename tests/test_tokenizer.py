@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import types
@@ -430,3 +431,32 @@ def test_cli_train_reads_a_damaged_gzip_up_to_the_damage(tmp_path, capsys):
         "(file cut short); the rest is lost",
         f"  skipped {not_gzip}:1: bad_gzip: Not a gzipped file (b'{{\"'); the rest of the file is lost",
     ]
+
+
+def test_lone_surrogates_are_skipped_by_the_cli_and_named_by_the_api(tmp_path, capsys, tok):
+    """A JSON escape like "\\ud800" without its pair. Before: "sentencepiece training failed: Unable
+    to cast Python instance of type <class 'str'> to C++ type '?'" (CLI and train_tokenizer), and
+    a `tokenizers` TypeError from encode_views; none named the input."""
+    lines = SYNTH.read_text().splitlines()[:1000]
+    bad = {
+        "messages": [
+            {"role": "user", "content": "abc \ud800"},
+            {"role": "assistant", "content": "x"},
+        ]
+    }
+    lines.insert(2, json.dumps(bad))  # written as the escape "\ud800"
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    main(["train", "--inputs", str(path), "--views", "messages", "--out", str(tmp_path / "tok"),
+          "--vocab_size", "500"])  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    assert ", trained on 2000 texts" in printed[0]
+    why = "lone surrogate U+D800 at character 4 (half of a UTF-16 pair, not text)"
+    assert printed[-2:] == [
+        "  skipped 1 records {'lone_surrogate': 1}",
+        f"  skipped {path}:3: lone_surrogate: view 'user': {why}",
+    ]
+    with pytest.raises(ValueError, match=rf"^texts\[2\]: {re.escape(why)}$"):
+        train_tokenizer(["some text", "", "abc \ud800"], tmp_path / "api", vocab_size=300)
+    with pytest.raises(ValueError, match=r"^texts\[1\]: lone surrogate U\+DC00 at character 1 "):
+        encode_views(tok, ["a", "b\udc00"])
