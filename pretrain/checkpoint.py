@@ -83,11 +83,7 @@ def find_latest(run_dir: Path) -> Path | None:
     path = root / pointer.read_text().strip()
     if (path / "trainer_state.json").exists():
         return path
-    complete = sorted(
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if p.is_dir() and (m := TAG_RE.match(p.name)) and (p / "trainer_state.json").exists()
-    )
+    complete = [(s, p) for s, p in checkpoints(root) if (p / "trainer_state.json").exists()]
     if not complete:
         raise FileNotFoundError(
             f"{pointer} names {path.name}, which is incomplete or missing, and {root} holds no "
@@ -107,8 +103,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     data_state: dict,
     keep_last: int,
+    protect: str | None = None,
 ) -> Path:
-    """Collective: every rank calls it. `data_state` is this rank's dataset.state_dict()."""
+    """Collective: every rank calls it. `data_state` is this rank's dataset.state_dict().
+    Pruning keeps the newest `keep_last` checkpoints and `protect` (the last known good one)."""
     from data_pipeline.dataset import PackedDataset
 
     root = checkpoint_root(run_dir)
@@ -129,24 +127,55 @@ def save_checkpoint(
         save_json(path / "trainer_state.json", state)
     barrier()
     if get_rank() == 0:
-        tmp = root / "latest.tmp"
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(root / "latest")
-        _prune(root, keep_last)
+        write_latest(root, tag)
+        _prune(root, keep_last, protect)
     barrier()
     print0(f"saved checkpoint {path}")
     return path
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    tags = sorted(
+def write_latest(root: Path, tag: str) -> None:
+    """Points `latest` at `tag`, atomically (a crash leaves the old or the new pointer)."""
+    tmp = root / "latest.tmp"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(root / "latest")
+
+
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint folder under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(
         (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))
     )
-    for _, p in tags[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int, protect: str | None = None) -> None:
+    for _, p in checkpoints(root)[:-keep_last]:
+        if p.name != protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def reject_from(run_dir: Path, first_bad_step: int) -> Path | None:
+    """Rank 0, after a streak of bad steps that began at `first_bad_step`: moves the checkpoints
+    saved from that step on (they hold the bad weights) to checkpoints/rejected/, points `latest`
+    at the newest one left and returns it (None if none is left)."""
+    root = checkpoint_root(run_dir)
+    for step, p in checkpoints(root):
+        if step >= first_bad_step:
+            (root / "rejected").mkdir(exist_ok=True)
+            target = root / "rejected" / p.name
+            shutil.rmtree(target, ignore_errors=True)
+            p.rename(target)
+    left = [p for _, p in checkpoints(root) if (p / "trainer_state.json").exists()]
+    if not left:
+        (root / "latest").unlink(missing_ok=True)
+        return None
+    write_latest(root, left[-1].name)
+    return left[-1]
 
 
 def load_checkpoint(

@@ -153,7 +153,13 @@ class OptimConfig:
     grad_clip_norm: float = 1.0
     """Clip the global gradient L2 norm to this; 0 = no clipping."""
     max_nonfinite_steps: int = 5
-    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    """Stop after this many consecutive bad steps: a non-finite loss or gradient (the update is
+    skipped) or a loss spike. The stop names the last good checkpoint (pretrain/health.py)."""
+    spike_factor: float = 4.0
+    """A step whose LM loss exceeds this × the mean of the last optim.spike_window good steps is
+    bad (a spike); 0 = non-finite values only."""
+    spike_window: int = 50
+    """Good steps in the running mean that spikes are measured against."""
     implementation: Literal["torch", "torch_fused", "deepspeed"] = "torch"
     """torch: PyTorch AdamW (foreach on CUDA) through DeepSpeed's torch_adam, no JIT build;
     torch_fused: PyTorch's fused AdamW kernel; deepspeed: DeepSpeed's FusedAdam / CPUAdam, which
@@ -168,6 +174,9 @@ class OptimConfig:
             ">= 1",
             self.max_nonfinite_steps,
         )
+        _check(self.spike_factor == 0 or self.spike_factor > 1, "optim.spike_factor",
+               "0 (off) or > 1", self.spike_factor)  # fmt: skip
+        _check(self.spike_window >= 1, "optim.spike_window", ">= 1", self.spike_window)
 
 
 @dataclass

@@ -128,9 +128,9 @@ def received_signal() -> signal.Signals | None:
     return _received
 
 
-def stop_requested() -> bool:
-    """True on every rank if any rank received a stop signal. A collective: call it on all ranks
-    at the same point (after the optimizer step). Costs one scalar all-reduce and a host sync."""
+def local_stop() -> bool:
+    """Whether this rank was asked to stop (a signal, or its deepspeed runner gone). Not agreed
+    across ranks: stop_requested() is, or a caller's own all-reduce of this flag."""
     global _received
     if _received is None and _runner_gone():
         print(
@@ -139,7 +139,13 @@ def stop_requested() -> bool:
             flush=True,
         )
         _received = signal.SIGHUP  # the terminal-hangup convention: whoever started us is gone
-    local = _received is not None
+    return _received is not None
+
+
+def stop_requested() -> bool:
+    """True on every rank if any rank received a stop signal. A collective: call it on all ranks
+    at the same point (after the optimizer step). Costs one scalar all-reduce and a host sync."""
+    local = local_stop()
     if not is_initialized() or get_world_size() == 1:
         return local
     # A tensor on the backend's device: CUDA for nccl, CPU for gloo.

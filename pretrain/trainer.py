@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pretrain.distributed import (
     print0,
 )
 from pretrain.engine import SpecialIdsInfo, build_engine, save_json, setup_warnings
+from pretrain.health import LossWatch
 from pretrain.metrics import (
     BatchWork,
     MetricsWriter,
@@ -96,8 +97,15 @@ class Run:
     ds_config: dict
     manifest_hash: str
     shape: ModelShape
+    watch: LossWatch
     inputs: StepInputs | None = None
     lock: RunDirLock | None = None
+    pending: list[tuple[int, bool, torch.Tensor]] = field(default_factory=list)
+    """Steps not yet judged: (step, update applied, this rank's share of the mean LM loss)."""
+    unconfirmed: list[int] = field(default_factory=list)
+    """Steps of checkpoints saved since the last good one was known (good once their step is)."""
+    last_good: str | None = None
+    """Tag of the newest checkpoint known to hold good weights: never pruned."""
     warned_no_pairs: bool = False
     step: int = 0
     skipped_steps: int = 0
@@ -203,6 +211,7 @@ def _setup(cfg: TrainConfig) -> Run:
         cfg=cfg, run_dir=run_dir, engine=engine, train_ds=train_ds, val_ds=val_ds,
         val_start=val_start, metrics=MetricsWriter(run_dir, cfg.logging.tensorboard),
         ds_config=ds_config, manifest_hash=train_ds.manifest_hash, shape=shape,
+        watch=LossWatch(cfg.optim.spike_factor, cfg.optim.spike_window, cfg.optim.max_nonfinite_steps),
     )  # fmt: skip
     print0(f"model: {n_params / 1e6:.2f}M parameters, world size {world}, run dir {run_dir}")
     latest = ckpt.find_latest(run_dir) if cfg.checkpoint.resume else None
@@ -214,6 +223,8 @@ def _setup(cfg: TrainConfig) -> Run:
             train_ds.load_state_dict(state["data_state"])
         run.step, run.skipped_steps = state["step"], state["skipped_steps"]
         run.tokens_seen = state["tokens_seen"]
+        run.last_good = latest.name
+        run.watch.recent.extend(state.get("loss_history", []))
         print0(f"resumed from {latest} at step {run.step}")
     return run
 
@@ -235,6 +246,7 @@ def trainer_state(run: Run) -> dict[str, Any]:
     return {
         "skipped_steps": run.skipped_steps,
         "tokens_seen": run.tokens_seen,
+        "loss_history": list(run.watch.recent),  # spikes are measured against it after a resume
         "manifest_hash": run.manifest_hash,
         "config": config_to_dict(run.cfg),
         "ds_config": run.ds_config,
@@ -246,8 +258,46 @@ def save(run: Run) -> None:
     data_state = run.inputs.consumed_state if run.inputs else run.train_ds.state_dict()
     ckpt.save_checkpoint(
         run.engine, run.run_dir, run.step, trainer_state(run), data_state,
-        run.cfg.checkpoint.keep_last,
+        run.cfg.checkpoint.keep_last, protect=run.last_good,
     )  # fmt: skip
+    run.unconfirmed.append(run.step)
+
+
+def review(run: Run) -> bool:
+    """Collective: agrees on a stop request and judges the steps run since the last review (one
+    all-reduce of the stop flags and of the steps' LM losses, one host sync). Returns whether a
+    stop was requested."""
+    dev = device()
+    local = [torch.tensor(float(preemption.local_stop()), dtype=torch.float64, device=dev)]
+    local += [loss.to(torch.float64) for _, _, loss in run.pending]
+    values = all_reduce_sum(torch.stack(local)).tolist()
+    for (step, applied, _), loss in zip(run.pending, values[1:]):
+        why = run.watch.observe(step, loss, applied)
+        if why is not None:
+            print0(f"step {step}: {why} ({run.watch.streak} bad in a row)")
+        elif step in run.unconfirmed:  # the weights saved before this step are good
+            run.last_good = ckpt.tag_of(step)
+            run.unconfirmed = [s for s in run.unconfirmed if s > step]
+    run.pending.clear()
+    return values[0] > 0
+
+
+def stop_bad(run: Run) -> None:
+    """After optim.max_nonfinite_steps bad steps in a row: the checkpoints saved since the streak
+    began are moved aside, `latest` names the last good one, and the run stops naming it."""
+    w = run.watch
+    good = ckpt.reject_from(run.run_dir, w.streak_start) if get_rank() == 0 else None
+    good = broadcast_object(str(good) if good else None)
+    where = (
+        f"the last good checkpoint is {good} (written before the streak; the next start resumes "
+        f"from it: lower optim.lr or skip the data)"
+        if good
+        else f"no checkpoint was written before step {w.streak_start}: start over"
+    )
+    raise NonFiniteError(
+        f"{w.streak} bad steps in a row from step {w.streak_start} (non-finite or spiking loss); "
+        f"stopped without saving: {where}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +418,7 @@ def train(cfg: TrainConfig) -> None:
 def loop(run: Run) -> None:
     cfg, lcfg = run.cfg, run.cfg.logging
     stop = min(cfg.schedule.train_steps, cfg.schedule.stop_at_step or cfg.schedule.train_steps)
-    start, consecutive_bad = run.step, 0
+    start = run.step
     bar = _progress_bar(start, stop) if lcfg.progress_bar else None
     while run.step < stop:
         lr = lr_at(cfg, run.step)
@@ -379,20 +429,21 @@ def loop(run: Run) -> None:
                 run.step, evaluate(run.engine, run.val_ds, run.val_start, cfg), kind="eval"
             )
         if run.step > start and every(run.step, cfg.checkpoint.save_every_steps):
-            save(run)
+            review(run)  # a collective: no checkpoint of weights a bad streak produced
+            if run.watch.streak == 0:
+                save(run)
+            else:
+                print0(
+                    f"step {run.step}: checkpoint not saved, {run.watch.streak} bad steps in a row"
+                )
 
         t0 = time.perf_counter()
         step_in = run.inputs.next()
         res = train_step(run, step_in, run.inputs.wait_s)
         run.tokens_seen += res.work.lm_tokens + res.work.jepa_extra_tokens
-        if res.applied:
-            consecutive_bad = 0
-        else:
+        if not res.applied:
             run.skipped_steps += 1
-            consecutive_bad += 1
-            print0(
-                f"step {run.step}: non-finite loss or gradient, update skipped ({consecutive_bad} in a row)"
-            )
+        run.pending.append((run.step, res.applied, res.sums[0] / res.counts[0].clamp(min=1)))
         logged = None
         if every(run.step + 1, lcfg.log_every_steps) or run.step + 1 == stop or not res.applied:
             logged = log_step(run, res, lr, time.perf_counter() - t0)
@@ -403,21 +454,16 @@ def loop(run: Run) -> None:
                 bar.set_postfix(
                     loss=f"{logged['loss/total']:.4f}", tok_s=f"{logged['tokens_per_s/total']:.0f}"
                 )
-        check_stop = every(run.step, cfg.checkpoint.preempt_check_every_steps)
-        if run.step < stop and check_stop and preemption.stop_requested():  # a collective
-            save(run)
-            why = preemption.received_signal()
-            print0(
-                f"stop requested ({why.name if why else 'signal on another rank'}): checkpoint at step "
-                f"{run.step} saved, exiting with {STOP}"
-            )
-            raise SystemExit(STOP)
-        if consecutive_bad >= cfg.optim.max_nonfinite_steps:
-            save(run)  # skipped steps changed no weights: this is the last good state
-            raise NonFiniteError(
-                f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (last: step "
-                f"{run.step - 1}); stopped. Last good state saved in {run.run_dir / 'checkpoints'}"
-            )
+        # Every rank sees the same `applied` (DeepSpeed's overflow check is global).
+        if every(run.step, cfg.checkpoint.preempt_check_every_steps) or not res.applied:
+            stop_requested = review(run)  # a collective
+            if run.watch.stop:
+                stop_bad(run)
+            if run.step < stop and stop_requested:
+                stop_on_request(run)
+    review(run)
+    if run.watch.stop:
+        stop_bad(run)
     if bar is not None:
         bar.close()
     if lcfg.eval_every_steps > 0:
@@ -425,6 +471,19 @@ def loop(run: Run) -> None:
     latest = ckpt.find_latest(run.run_dir)
     if latest is None or latest.name != ckpt.tag_of(run.step):
         save(run)
+
+
+def stop_on_request(run: Run) -> None:
+    """A stop signal: checkpoint (unless a bad streak is under way) and exit with STOP."""
+    why = preemption.received_signal()
+    why = why.name if why else "signal on another rank"
+    if run.watch.streak == 0:
+        save(run)
+        print0(f"stop requested ({why}): checkpoint at step {run.step} saved, exiting with {STOP}")
+    else:
+        print0(f"stop requested ({why}): not saved, {run.watch.streak} bad steps in a row; the "
+               f"last good checkpoint is {run.last_good}; exiting with {STOP}")  # fmt: skip
+    raise SystemExit(STOP)
 
 
 class NonFiniteError(RuntimeError):

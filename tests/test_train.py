@@ -125,8 +125,8 @@ def test_changed_dataset_is_refused(straight, bundled_shards, tmp_path, tokenize
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(bundled_shards, tmp_path):
     """Plain `python` (world size 1). lr=1e30 makes step 0 blow the weights up; from step 1 on
-    the gradient is non-finite: steps are skipped, and after 2 in a row the run stops with a message
-    and a checkpoint."""
+    the gradient is non-finite: steps are skipped, and after 2 in a row the run stops with a message.
+    Nothing is saved: no checkpoint holds the weights from before the blow-up."""
     run_dir = tmp_path / "nan"
     over = tiny_overrides(bundled_shards, run_dir, **{
         "optim.lr": "1e30", "schedule.warmup_steps": 0, "schedule.train_steps": 10,
@@ -135,11 +135,47 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(bundled_shards, tmp_path
     })  # fmt: skip
     proc = launch(over, nproc=1, launcher="python", check=False)
     assert proc.returncode != 0, proc.stdout
-    assert "2 consecutive steps had a non-finite loss or gradient" in proc.stderr
+    assert "2 bad steps in a row from step 1" in proc.stderr
+    assert "no checkpoint was written before step 1: start over" in proc.stderr
     rows = read_metrics(run_dir)
     assert rows[-1]["skipped_steps"] == 2 and rows[-1]["step"] == 2
     assert not math.isfinite(rows[-1]["grad_norm"])  # huge weights: the gradient overflows
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000003"
+    assert not (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_a_blow_up_never_costs_the_last_good_checkpoint(bundled_shards, tmp_path):
+    """The sequence that used to lose a run: a good run with checkpoints, then optim.lr=1e6 blows
+    the weights up with finite gradients (a spike, then non-finite steps); the run stops naming
+    the last good checkpoint and saves nothing; two more starts at lr=1e6 prune nothing; a start
+    at the normal lr resumes from the good checkpoint and trains on."""
+    run_dir = tmp_path / "spike"
+
+    def run(steps: int, **extra) -> subprocess.CompletedProcess:
+        over = tiny_overrides(bundled_shards, run_dir, **{
+            "schedule.train_steps": steps, "schedule.kind": "constant", "schedule.warmup_steps": 0,
+            "checkpoint.save_every_steps": 2, "checkpoint.keep_last": 2,
+            "optim.max_nonfinite_steps": 3, "logging.eval_every_steps": 0, **extra,
+        })  # fmt: skip
+        return launch(over, nproc=1, launcher="python", check=False)
+
+    assert run(12).returncode == 0  # 12 good steps: the spike detector's history
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_000010", "step_000012"]
+    good = run_dir / "checkpoints" / "step_000012"
+    for _ in range(3):  # the first stop, then two restarts
+        proc = run(30, **{"optim.lr": "1e6"})
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"stopped without saving: the last good checkpoint is {good}" in proc.stderr
+        assert "from step 13" in proc.stderr  # step 12's update blew the weights up
+        assert "a spike" in proc.stdout or "non-finite" in proc.stdout
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == kept
+        assert (run_dir / "checkpoints" / "latest").read_text() == "step_000012"
+    proc = run(16)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {good} at step 12" in proc.stdout
+    rows = [r for r in read_metrics(run_dir) if r["step"] >= 12]
+    assert rows[-1]["step"] == 15 and all(math.isfinite(r["loss/lm"]) for r in rows[-4:])
+    assert rows[-1]["loss/lm"] < 10
 
 
 def _shm_buffers(port: int) -> list[str]:
