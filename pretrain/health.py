@@ -35,7 +35,7 @@ class LossWatch:
         """Why a step with this LM loss is bad, or None if it is good."""
         if not applied or not math.isfinite(lm_loss):
             return "non-finite loss or gradient, update skipped"
-        if self.spike_factor > 0 and len(self.recent) >= MIN_HISTORY:
+        if self.spike_factor > 0 and len(self.recent) >= min(MIN_HISTORY, self.recent.maxlen):
             limit = self.spike_factor * self.mean()
             if lm_loss > limit:
                 return (f"LM loss {lm_loss:.4g} over {self.spike_factor:g} × the mean of the last "
