@@ -18,10 +18,17 @@ def test_round_trip(tmp_path, vocab):
         w.add(r)
     w.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx"]  # no temp files left
-    r = ShardReader(tmp_path / "s")
+    r = ShardReader(tmp_path / "s", vocab_size=vocab)
     assert (len(r), r.n_tokens, r.n_views) == (3, 10, 2)
     assert [[v.tolist() for v in r.record(i)] for i in range(3)] == recs
     assert r.view_lengths.tolist() == [[3, 1], [1, 2], [2, 1]]
+    assert r.check_index() == [6, 4]  # tokens per view
+    assert (r.has_checksums, r.max_token_id) == (True, vocab - 1)
+    with pytest.raises(
+        ShardError,
+        match=rf"s\.idx: token ids up to {vocab - 1}, but the vocabulary has {vocab - 1} tokens",
+    ):
+        ShardReader(tmp_path / "s", vocab_size=vocab - 1)
 
 
 def _write(tmp_path):
