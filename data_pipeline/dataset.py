@@ -15,6 +15,7 @@ already taken from the *next* epoch are seen again in that case (see data_pipeli
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from data_pipeline.shards import ShardError, ShardReader
 from data_pipeline.verify import load_manifest, manifest_hash, verify_folder
 
 STATE_VERSION = 1
+_WARNED_FORMAT_1: set[Path] = set()  # folders warned about (once per process, not per split)
 
 
 class DatasetError(ValueError):
@@ -35,7 +37,7 @@ class _Source:
     """One shard folder's split: record lookup and its packing rules."""
 
     def __init__(self, folder: Path, split: str, verify_checksums: bool):
-        problems = verify_folder(folder, full=verify_checksums, leftovers=False)
+        problems = verify_folder(folder, full=verify_checksums, leftovers=False, split=split)
         if problems:
             raise ShardError(f"{folder}: " + "; ".join(problems))
         self.folder = folder
@@ -43,11 +45,18 @@ class _Source:
         self.hash = manifest_hash(folder)
         if split not in self.manifest["splits"]:
             raise ShardError(f"{folder}: no split {split!r} in the manifest")
+        vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
         self.readers = [
-            ShardReader(folder / "shards" / s["name"])
+            ShardReader(folder / "shards" / s["name"], vocab_size=vocab_size)
             for s in self.manifest["shards"]
             if s["split"] == split and s["records"] > 0
         ]
+        if not all(r.has_checksums for r in self.readers) and folder not in _WARNED_FORMAT_1:
+            _WARNED_FORMAT_1.add(folder)
+            print(f"WARNING: {folder}: shards of index format 1 (written before per-record "
+                  "checksums): a changed token byte is caught only with "
+                  "data.verify_checksums=true; preprocess into a new folder to add them",
+                  file=sys.stderr, flush=True)  # fmt: skip
         self.bounds = np.cumsum([0] + [len(r) for r in self.readers])
         settings = self.manifest["settings"]
         self.lm_views = tuple(settings["lm_views"])
