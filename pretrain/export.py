@@ -6,11 +6,13 @@ Gathers the ZeRO-3 partitions of a checkpoint (the latest by default) into one f
 
     AutoModelForCausalLM.from_pretrained(OUT_DIR); AutoTokenizer.from_pretrained(OUT_DIR)
 
-work offline. Runs in one CPU process; no process group needed.
+work offline. Runs in one CPU process; no process group needed. The run's tokenizer must fit the
+model's vocabulary; it is checked before the (slow) gather, and a mismatch is one line, exit 2.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +20,10 @@ if __package__ in (None, ""):  # `python pretrain/export.py` puts pretrain/ on s
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.checkpoint import checkpoint_root, find_latest  # noqa: E402
+
+
+class ExportError(ValueError):
+    """The run cannot be exported as it is (the user's to fix): printed as one line."""
 
 
 def export(
@@ -34,8 +40,14 @@ def export(
         if latest is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoint_root(run_dir)}")
         tag = latest.name
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
     config = AutoConfig.from_pretrained(run_dir / "hf_config")
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        raise ExportError(f"{tok_dir}: no tokenizer (the shard folder had none when the run "
+                          "started): copy there the tokenizer the shards were made with")  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    check_tokenizer_fits(tok_dir, len(tokenizer), config.vocab_size, _from_checkpoint(run_dir))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
     # The exported model is for users: the packed-row flex path is a training concern.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     state = _unwrap_objective(state, set(model.state_dict()))
@@ -46,7 +58,6 @@ def export(
     model.tie_weights()
     model.config.use_cache = True
     model.to(getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -60,6 +71,26 @@ def export(
     return out_dir
 
 
+def check_tokenizer_fits(
+    tok_dir: Path, n_tokens: int, model_vocab: int, from_checkpoint: bool
+) -> None:
+    """A tokenizer larger than the embedding would produce ids without a row. One smaller is
+    allowed only when the run started from a checkpoint (init_from), whose embedding may be
+    padded (Qwen2: 151,665 tokens, 151,936 rows; pretrain/model.py never shrinks it); a model
+    built from scratch has exactly its tokenizer's vocabulary."""
+    if n_tokens > model_vocab or (n_tokens < model_vocab and not from_checkpoint):
+        why = "" if from_checkpoint else " (built from scratch for the run's tokenizer)"
+        raise ExportError(
+            f"{tok_dir}: {n_tokens} tokens, but the model's embedding has {model_vocab} rows"
+            f"{why}: not the tokenizer this model was trained with"
+        )
+
+
+def _from_checkpoint(run_dir: Path) -> bool:
+    """Whether the run started from a pretrained checkpoint (model.init_from in its config)."""
+    return bool(json.loads((run_dir / "config.json").read_text())["model"]["init_from"])
+
+
 def _unwrap_objective(state: dict, model_keys: set[str]) -> dict:
     """DeepSpeed wraps pretrain.objective.Objective, which holds the transformers model as
     `model`: parameter names carry a "model." prefix. Checkpoints written before the objective
@@ -71,7 +102,11 @@ def _unwrap_objective(state: dict, model_keys: set[str]) -> dict:
 
 
 def main(run_dir: str, out_dir: str, tag: str | None = None, dtype: str = "float32") -> None:
-    export(run_dir, out_dir, tag, dtype)
+    try:
+        export(run_dir, out_dir, tag, dtype)
+    except (ExportError, FileNotFoundError) as e:  # the user's to fix: one line, exit 2
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from conftest import run_module
 from engine_fixtures import read_metrics, straight_run
 
 pytestmark = pytest.mark.slow
@@ -75,3 +79,42 @@ def test_export_reads_objective_and_bare_model_parameter_names():
     }  # fmt: skip
     bare = {"model.layers.0.w": 1, "model.norm.weight": 2, "lm_head.weight": 3}
     assert _unwrap_objective(bare, keys) == bare
+
+
+def test_export_refuses_a_tokenizer_of_another_size(exported, tmp_path):
+    """A run folder whose tokenizer was swapped for one with another vocabulary (before: exported,
+    and the files loaded into a model whose ids and embedding rows disagree)."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    run_dir, _ = exported
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    tok = load_tokenizer(copy / "tokenizer")
+    tok.add_tokens(["<|another_token|>"])
+    shutil.rmtree(copy / "tokenizer")
+    tok.save_pretrained(copy / "tokenizer")
+    out = tmp_path / "hf"
+    proc = run_module("pretrain.export", copy, out, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"error: {copy}/tokenizer: {len(tok)} tokens, but the model's embedding has "
+        f"{len(tok) - 1} rows (built from scratch for the run's tokenizer): not the tokenizer "
+        "this model was trained with"
+    ], proc.stderr[-3000:]
+    assert not out.exists()  # refused before anything is written
+
+
+def test_a_smaller_tokenizer_fits_only_a_padded_checkpoint_embedding():
+    from pretrain.export import ExportError, check_tokenizer_fits
+
+    check_tokenizer_fits(Path("tok"), 1000, 1000, from_checkpoint=False)
+    check_tokenizer_fits(Path("tok"), 151_665, 151_936, from_checkpoint=True)  # Qwen2 pads
+    with pytest.raises(
+        ExportError,
+        match=r"^tok: 800 tokens, but the model's embedding has 1000 rows \(built from scratch",
+    ):
+        check_tokenizer_fits(Path("tok"), 800, 1000, from_checkpoint=False)
+    with pytest.raises(
+        ExportError, match=r"^tok: 1001 tokens, but the model's embedding has 1000 rows: not"
+    ):
+        check_tokenizer_fits(Path("tok"), 1001, 1000, from_checkpoint=True)
