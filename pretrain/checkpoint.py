@@ -13,11 +13,14 @@ checkpoint in charge. The last `keep_last` checkpoints are kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +58,13 @@ def git_revision() -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values only, so that they load with
+    torch.load(weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": (version, torch.tensor(mt, dtype=torch.int64), gauss),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -66,11 +73,55 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds a pickled object other than tensors, plain values and the few
+    DeepSpeed types allowed: loading it could run code, so it is refused."""
+
+
+def _deepspeed_types() -> list[type]:
+    """The non-tensor types DeepSpeed pickles into its checkpoint files (found by
+    torch.serialization.get_unsafe_globals_in_checkpoint on fp32 and bf16 ZeRO-3 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def safe_loading() -> Iterator[None]:
+    """Inside the block every torch.load, ours and DeepSpeed's (whose checkpoint engine and
+    zero_to_fp32 ask for weights_only=False), runs with weights_only=True: tensors, plain
+    values and DeepSpeed's own few types only. A run_dir received from someone else cannot run
+    code on resume or export; a file that tries is refused in one line naming it."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+            what = f"a pickled {found.group(1)}" if found else "a pickled object"
+            raise UnsafeCheckpointError(
+                f"{f}: holds {what}, not only tensors and plain values: refused, since loading "
+                "it could run code (only load checkpoints from sources you trust)"
+            ) from None
+
+    with torch.serialization.safe_globals(_deepspeed_types()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
 
 
 def find_latest(run_dir: Path) -> Path | None:
@@ -196,12 +247,14 @@ def load_checkpoint(
             raise DataChangedError(msg)
         print0("WARNING: " + msg)
         state["data_state"] = None
-    load_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    rng_file = path / "rng" / f"rank_{get_rank()}.pt"
-    if rng_file.exists() and state.get("world_size") == get_world_size():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    with safe_loading():
+        load_path, _ = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )  # fmt: skip
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        rng_file = path / "rng" / f"rank_{get_rank()}.pt"
+        if rng_file.exists() and state.get("world_size") == get_world_size():
+            set_rng_state(torch.load(rng_file))
     return state

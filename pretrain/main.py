@@ -83,11 +83,14 @@ def main(
     if dry_run:
         print_dry_run(cfg, world_size)
         return
+    from pretrain.checkpoint import DataChangedError, UnsafeCheckpointError
     from pretrain.trainer import NonFiniteError, train
 
+    user_errors = (ConfigError, DatasetError, ShardError, RunDirBusyError, DataChangedError,
+                   UnsafeCheckpointError)  # fmt: skip
     try:
         train(cfg)
-    except (ConfigError, DatasetError, ShardError, RunDirBusyError) as e:  # the user's to fix
+    except user_errors as e:  # the user's to fix
         _user_error(f"error: {e}")
     except NonFiniteError as e:
         raise SystemExit(f"error: {e}") from None
