@@ -13,6 +13,8 @@ finished writes manifest.json. Format: data_pipeline/README.md.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -36,6 +38,7 @@ from data_pipeline.sources import (
 )
 
 SCHEMA_VERSION = 1
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 MAX_SKIP_EXAMPLES = 5
 ENCODE_BATCH = 256
 SPLITS = ("train", "val")
@@ -106,9 +109,7 @@ def process_unit(args: tuple) -> dict:
         stale.unlink(missing_ok=True)
     dtype = shard_io.np.dtype(settings.dtype)
     n_views = len(settings.views.names)
-    writers = {
-        s: shard_io.ShardWriter(shard_dir / f"{unit_id:05d}.{s}", n_views, dtype) for s in SPLITS
-    }
+    writers: dict[str, shard_io.ShardWriter] = {}
     skipped: Counter = Counter()
     examples: list[tuple[int, str]] = []  # (record number, text): the first few in input order
     damaged: list[str] = []  # every file whose rest could not be read, whatever the count above
@@ -141,6 +142,8 @@ def process_unit(args: tuple) -> dict:
         pending.clear()
 
     try:
+        for s in SPLITS:
+            writers[s] = shard_io.ShardWriter(shard_dir / f"{unit_id:05d}.{s}", n_views, dtype)
         pending: list[tuple[int, str, list[str]]] = []
         for location, record in iter_unit(unit):
             input_records += 1
@@ -154,14 +157,21 @@ def process_unit(args: tuple) -> dict:
             if len(pending) >= ENCODE_BATCH:
                 flush(pending)
         flush(pending)
-    except BaseException:
+        meta = {"unit": unit.to_dict(), "input_records": input_records, "skipped": dict(skipped),
+                "skip_examples": [e for _, e in sorted(examples)[:MAX_SKIP_EXAMPLES]],
+                "damaged_files": damaged}  # fmt: skip
+        return _close_unit(shard_dir, unit_id, writers, meta)
+    except BaseException as e:
         for w in writers.values():
-            w.abort()
+            with contextlib.suppress(OSError):  # its close flushes: on a full disk that fails too
+                w.abort()
+        _discard_unit(shard_dir, unit_id)  # a rerun redoes the unit: nothing of it is left
+        _name_full_disk(e, shard_dir)
         raise
 
-    meta = {"unit": unit.to_dict(), "input_records": input_records, "skipped": dict(skipped),
-            "skip_examples": [e for _, e in sorted(examples)[:MAX_SKIP_EXAMPLES]],
-            "damaged_files": damaged, "shards": []}  # fmt: skip
+
+def _close_unit(shard_dir: Path, unit_id: int, writers: dict, meta: dict) -> dict:
+    meta["shards"] = []
     for split, w in writers.items():
         w.close()
         prefix = shard_dir / f"{unit_id:05d}.{split}"
@@ -173,8 +183,24 @@ def process_unit(args: tuple) -> dict:
             "idx_sha256": shard_io.sha256_file(f"{prefix}.idx"),
         })  # fmt: skip
     # The unit's json is its completion marker: written last, atomically.
-    shard_io.write_atomic(shard_dir / f"{unit_id:05d}.json", _dumps(meta))
+    _publish(shard_dir / f"{unit_id:05d}.json", _dumps(meta))
     return meta
+
+
+def _name_full_disk(e: BaseException, path: str | os.PathLike) -> None:
+    """A failed write() names no file: say where the disk filled up."""
+    if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS and not e.filename:
+        e.filename = str(path)
+
+
+def _publish(path: Path, data: bytes) -> None:
+    """shard_io.write_atomic, naming `path` if the disk is full and leaving no temporary file."""
+    try:
+        shard_io.write_atomic(path, data)
+    except BaseException as e:
+        Path(f"{path}.tmp{os.getpid()}").unlink(missing_ok=True)  # write_atomic's temporary name
+        _name_full_disk(e, path)
+        raise
 
 
 def _discard_unit(shard_dir: Path, unit_id: int) -> None:
@@ -254,12 +280,31 @@ def _input_bytes(p: Path) -> int:
     )
 
 
+class _CopyFailed(Exception):
+    """Not an OSError, so copytree stops at it instead of collecting it into a shutil.Error
+    of strings (which loses the errno: a full disk would not be recognised)."""
+
+
+def _copy_file(src: str, dst: str) -> None:
+    try:
+        shutil.copy2(src, dst)
+    except OSError as e:
+        _name_full_disk(e, dst)
+        raise _CopyFailed from e
+
+
 def _copy_tokenizer(src: Path, out_dir: Path) -> None:
     dst = out_dir / "tokenizer"
     if dst.exists():
         return
     tmp = out_dir / f"tokenizer.tmp{os.getpid()}"
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_copy_file)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, _CopyFailed):
+            raise e.__cause__ from None
+        raise
     try:
         os.replace(tmp, dst)
     except OSError:  # another task published it first
@@ -278,7 +323,7 @@ def _check_plan(out_dir: Path, plan: dict) -> None:
                 "use a new --out folder"
             )
     else:
-        shard_io.write_atomic(path, _dumps(plan))
+        _publish(path, _dumps(plan))
 
 
 def _parse_views_list(value, n_views: int, name: str) -> tuple[int, ...]:
@@ -359,7 +404,7 @@ def preprocess(
               "the last task to finish writes manifest.json", file=sys.stderr)  # fmt: skip
         return None
     manifest = build_manifest(out_dir, settings, paths, metas, specials)
-    shard_io.write_atomic(out_dir / "manifest.json", _dumps(manifest))
+    _publish(out_dir / "manifest.json", _dumps(manifest))
     return manifest
 
 
@@ -426,6 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, StrictError, shard_io.ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in FULL_DISK_ERRNOS:
+            raise
+        # Not the user's command that is wrong (exit 2): the run failed; a rerun with space resumes.
+        where = e.filename2 or e.filename  # a failed copy names the source first
+        print(f"error: {os.strerror(e.errno).lower()}: {where}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,11 @@
 """Preprocessing: formats, views, round trip, determinism, bad input, restart, memory."""
 
+import errno
 import filecmp
 import gzip
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -336,3 +339,126 @@ def test_lone_surrogate_escape_is_counted_by_reason(tmp_path, tokenizer_dir, vie
     ]
     tok = load_tokenizer(tmp_path / "out" / "tokenizer")
     assert tok.decode(all_records(tmp_path / "out")[0][0]) == "a pair \U0001f600 is fine"
+
+
+class _FullDisk:
+    """Stands in for `open` in data_pipeline.shards (every shard, index and json write of
+    preprocessing): a write fails with ENOSPC, as on a full disk, once `budget` bytes are used."""
+
+    def __init__(self, budget: float):
+        self.budget, self.written = budget, 0
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return f if mode in ("r", "rb") else _FileOn(f, self)
+
+
+class _FileOn:
+    def __init__(self, f, disk: _FullDisk):
+        self._f, self._disk = f, disk
+
+    def write(self, data) -> int:
+        if self._disk.written + len(data) > self._disk.budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._disk.written += len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("where", ["plan.json", "shards", "manifest.json"])
+def test_full_disk_is_one_line_and_leaves_nothing_a_rerun_would_trust(
+    tmp_path, tokenizer_dir, monkeypatch, capsys, where
+):
+    """The disk fills up while plan.json, a shard or manifest.json is written. Before: an OSError
+    traceback ("[Errno 28] No space left on device") naming no file."""
+    from data_pipeline import shards as shard_io
+    from data_pipeline.preprocess import main
+
+    def preprocess_cli(out: Path, disk: _FullDisk) -> int:
+        monkeypatch.setattr(shard_io, "open", disk, raising=False)
+        return main(["--inputs", str(BUNDLED / "test.jsonl"), "--views", "messages",
+                     "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                     "--shard_bytes", "100000", "--progress", "False"])  # fmt: skip
+
+    clean = _FullDisk(float("inf"))
+    assert preprocess_cli(tmp_path / "clean", clean) == 0
+    budget = {"plan.json": 0, "shards": clean.written // 2, "manifest.json": clean.written - 1}
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert preprocess_cli(out, _FullDisk(budget[where])) == 1
+    assert capsys.readouterr().err == f"error: no space left on device: {out / where}\n"
+    assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
+    assert not (out / "manifest.json").exists()
+    for p in (out / "shards").iterdir():  # only units that are complete are left
+        assert unit_is_done(out, int(p.name[:5])) is not None, p
+    # with space again, the rerun gives what a run that never failed gives
+    assert preprocess_cli(out, _FullDisk(float("inf"))) == 0
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(tmp_path / "clean") for p in (tmp_path / "clean").rglob("*") if p.is_file()
+    )
+    for f in files:
+        assert filecmp.cmp(out / f, tmp_path / "clean" / f, shallow=False), f
+
+
+# Runs inside `unshare --user --map-root-user --mount` (no root needed where user namespaces are
+# allowed): mounts a tmpfs of each size in turn on MNT, runs the command, reports what happened.
+ON_TINY_DISK = """
+import json, subprocess, sys
+from pathlib import Path
+mnt, sizes, cmd = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
+report = []
+for i, size in enumerate(sizes):
+    opts = f"size={size}" if i == 0 else f"remount,size={size}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "none", str(mnt)], check=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    files = sorted(str(f.relative_to(mnt)) for f in mnt.rglob("*") if f.is_file())
+    report.append({"rc": p.returncode, "stderr": p.stderr, "files": files})
+p = subprocess.run([sys.executable, "-m", "data_pipeline.verify", str(mnt / "out")],
+                   capture_output=True, text=True)
+report.append({"rc": p.returncode, "stdout": p.stdout})
+print(json.dumps(report))
+"""
+
+
+def test_full_disk_for_real_on_a_tiny_filesystem(tmp_path, tokenizer_dir):
+    """A tmpfs too small for the tokenizer copy, then too small for the shards, then big enough."""
+    import subprocess
+
+    if subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"]).returncode:
+        pytest.skip("no user namespaces here (unshare) to mount a tiny filesystem without root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tok_kib = sum(-(-f.stat().st_size // 4096) * 4 for f in tokenizer_dir.iterdir())
+    sizes = f"32k,{tok_kib + 48}k,8m"
+    preprocess_cmd = [sys.executable, "-m", "data_pipeline.preprocess",
+                      "--inputs", str(BUNDLED / "test.jsonl"), "--views", "messages",
+                      "--tokenizer", str(tokenizer_dir), "--out", str(mnt / "out"),
+                      "--shard_bytes", "100000", "--progress", "False"]  # fmt: skip
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable,
+                           "-c", ON_TINY_DISK, str(mnt), sizes, *preprocess_cmd],
+                          capture_output=True, text=True, cwd=BUNDLED.parents[1])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    in_tokenizer, in_shards, enough, verify = json.loads(proc.stdout)
+    out = mnt / "out"
+    assert in_tokenizer["rc"] == 1 and in_tokenizer["files"] == ["out/plan.json"]
+    message = in_tokenizer["stderr"].splitlines()
+    assert len(message) == 1 and re.fullmatch(
+        f"error: no space left on device: {out}/tokenizer.tmp[0-9]+/tokenizer.json", message[0]
+    )
+    assert in_shards["rc"] == 1
+    assert in_shards["stderr"] == f"error: no space left on device: {out}/shards\n"
+    left = [f for f in in_shards["files"] if f.startswith("out/shards/")]
+    assert not any("tmp" in f or "manifest" in f for f in in_shards["files"])
+    complete = {f[11:16] for f in left if f.endswith(".json")}  # units with their json
+    assert {f[11:16] for f in left} == complete and len(left) == 5 * len(complete)
+    assert enough["rc"] == 0 and "out/manifest.json" in enough["files"], enough["stderr"]
+    assert verify["rc"] == 0 and verify["stdout"].startswith(f"OK {out}: ")
