@@ -14,6 +14,7 @@ checkpoint in charge. The last `keep_last` checkpoints are kept.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import random
@@ -164,18 +165,27 @@ def save_checkpoint(
     tag = tag_of(step)
     path = root / tag
     merged = PackedDataset.merge_states(all_gather_object(data_state))
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    (path / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), path / "rng" / f"rank_{get_rank()}.pt")
-    if get_rank() == 0:
-        state = {
-            **trainer_state,
-            "step": step,
-            "data_state": merged,
-            "world_size": get_world_size(),
-        }
-        state.setdefault("git_revision", git_revision())
-        save_json(path / "trainer_state.json", state)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        (path / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), path / "rng" / f"rank_{get_rank()}.pt")
+        if get_rank() == 0:
+            state = {
+                **trainer_state,
+                "step": step,
+                "data_state": merged,
+                "world_size": get_world_size(),
+            }
+            state.setdefault("git_revision", git_revision())
+            save_json(path / "trainer_state.json", state)
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(path, ignore_errors=True)  # partial: it would only take more space
+        raise CheckpointWriteError(
+            f"no space left on device: writing checkpoint {path} failed ({first_line(e)}); "
+            f"removed the partial checkpoint; `latest` still names {_latest_name(root)}"
+        ) from None
     barrier()
     if get_rank() == 0:
         write_latest(root, tag)
@@ -183,6 +193,31 @@ def save_checkpoint(
     barrier()
     print0(f"saved checkpoint {path}")
     return path
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk): one line, naming the path."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, or how torch.save's C++ writer reports them ("unexpected pos … vs …",
+    "basic_ios::clear": it checks positions, not errno)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(
+        s in text for s in ("No space left", "Disk quota", "unexpected pos", "basic_ios::clear")
+    )
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _latest_name(root: Path) -> str:
+    pointer = root / "latest"
+    return pointer.read_text().strip() if pointer.exists() else "no checkpoint"
 
 
 def write_latest(root: Path, tag: str) -> None:

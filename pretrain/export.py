@@ -19,7 +19,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pretrain/export.py` puts pretrain/ on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.checkpoint import checkpoint_root, find_latest  # noqa: E402
+from pretrain.checkpoint import (  # noqa: E402
+    UnsafeCheckpointError,
+    checkpoint_root,
+    find_latest,
+    safe_loading,
+)
 
 
 class ExportError(ValueError):
@@ -47,7 +52,8 @@ def export(
                           "started): copy there the tokenizer the shards were made with")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     check_tokenizer_fits(tok_dir, len(tokenizer), config.vocab_size, _from_checkpoint(run_dir))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
+    with safe_loading():  # a run_dir from elsewhere cannot run code here (weights_only loads)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
     # The exported model is for users: the packed-row flex path is a training concern.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     state = _unwrap_objective(state, set(model.state_dict()))
@@ -104,7 +110,7 @@ def _unwrap_objective(state: dict, model_keys: set[str]) -> dict:
 def main(run_dir: str, out_dir: str, tag: str | None = None, dtype: str = "float32") -> None:
     try:
         export(run_dir, out_dir, tag, dtype)
-    except (ExportError, FileNotFoundError) as e:  # the user's to fix: one line, exit 2
+    except (ExportError, FileNotFoundError, UnsafeCheckpointError) as e:  # one line, exit 2
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

@@ -83,7 +83,7 @@ def main(
     if dry_run:
         print_dry_run(cfg, world_size)
         return
-    from pretrain.checkpoint import DataChangedError, UnsafeCheckpointError
+    from pretrain.checkpoint import CheckpointWriteError, DataChangedError, UnsafeCheckpointError
     from pretrain.trainer import NonFiniteError, train
 
     user_errors = (ConfigError, DatasetError, ShardError, RunDirBusyError, DataChangedError,
@@ -92,12 +92,16 @@ def main(
         train(cfg)
     except user_errors as e:  # the user's to fix
         _user_error(f"error: {e}")
-    except NonFiniteError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (NonFiniteError, CheckpointWriteError) as e:  # not the user's mistake, their to fix
+        _one_line(f"error: {e}", status=1)
 
 
 def _user_error(line: str) -> None:
-    """One line on stderr and exit status 2, no traceback. Under `python -m pretrain.launch` the
+    _one_line(line, status=2)
+
+
+def _one_line(line: str, status: int) -> None:
+    """One line on stderr and exit `status`, no traceback. Under `python -m pretrain.launch` the
     line goes to the launcher, which prints each distinct rank's line once."""
     error_dir = os.environ.get("PRETRAIN_ERROR_DIR")
     if error_dir and Path(error_dir).is_dir():
@@ -106,7 +110,7 @@ def _user_error(line: str) -> None:
             print(line, file=f)
     else:
         print(line, file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":

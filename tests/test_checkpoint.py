@@ -118,3 +118,39 @@ def test_resume_refuses_a_planted_payload_in_one_line(bundled_shards, tmp_path, 
     assert not marker.exists()
     assert f"{files[victim]}: holds a pickled" in res.stderr and "refused" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_path(bundled_shards, tmp_path):
+    """The model-states file of the final checkpoint is a link to /dev/full, where every write
+    fails with ENOSPC, as on a full disk. Before: `unexpected pos … vs …` from torch's writer,
+    in a traceback."""
+    from engine_fixtures import launch, tiny_overrides
+
+    run_dir = tmp_path / "run"
+    target = run_dir / "checkpoints" / "step_000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    target.parent.mkdir(parents=True)
+    target.symlink_to("/dev/full")
+    steps = {"schedule.train_steps": 2, "schedule.warmup_steps": 1, "logging.eval_every_steps": 0}
+    res = launch(tiny_overrides(bundled_shards, run_dir, **steps), nproc=1, launcher="python",
+                 check=False)  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    line = f"error: no space left on device: writing checkpoint {target.parent} failed"
+    assert line in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not target.parent.exists()  # the partial checkpoint is gone
+
+
+def test_export_refuses_a_planted_payload_in_one_line(bundled_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from engine_fixtures import REPO, engine_env, launch, tiny_overrides
+
+    run_dir, marker = tmp_path / "run", tmp_path / "ran"
+    steps = {"schedule.train_steps": 2, "schedule.warmup_steps": 1, "logging.eval_every_steps": 0}
+    launch(tiny_overrides(bundled_shards, run_dir, **steps), nproc=1, launcher="python")
+    victim = next((run_dir / "checkpoints" / "step_000002").glob("*optim_states.pt"))
+    plant(victim, marker)
+    res = subprocess.run([sys.executable, "-m", "pretrain.export", str(run_dir), str(tmp_path / "hf")],
+                         cwd=REPO, env=engine_env(), capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 2 and not marker.exists(), res.stderr
+    assert f"error: {victim}: holds a pickled" in res.stderr and "Traceback" not in res.stderr
