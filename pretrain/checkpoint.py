@@ -97,12 +97,19 @@ def _deepspeed_types() -> list[type]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
+_safe_loading_active = False
+
+
 @contextlib.contextmanager
 def safe_loading() -> Iterator[None]:
     """Inside the block every torch.load, ours and DeepSpeed's (whose checkpoint engine and
     zero_to_fp32 ask for weights_only=False), runs with weights_only=True: tensors, plain
     values and DeepSpeed's own few types only. A run_dir received from someone else cannot run
     code on resume or export; a file that tries is refused in one line naming it."""
+    global _safe_loading_active
+    if _safe_loading_active:  # nested: torch's safe_globals would clear the outer allow-list
+        yield
+        return
     original = torch.load
 
     def load(f, *args, **kwargs):
@@ -118,11 +125,11 @@ def safe_loading() -> Iterator[None]:
             ) from None
 
     with torch.serialization.safe_globals(_deepspeed_types()):
-        torch.load = load
+        torch.load, _safe_loading_active = load, True
         try:
             yield
         finally:
-            torch.load = original
+            torch.load, _safe_loading_active = original, False
 
 
 def find_latest(run_dir: Path) -> Path | None:
@@ -264,6 +271,53 @@ def reject_from(run_dir: Path, first_bad_step: int) -> Path | None:
     return left[-1]
 
 
+UNIVERSAL = "universal"
+
+
+def to_universal(path: Path) -> Path:
+    """Converts checkpoint `path` (ZeRO-3 partitions of N ranks) into DeepSpeed's universal
+    format in path/universal: per parameter, its full fp32 value and Adam moments, which any
+    number of ranks can load. Once per checkpoint, in this process (its loads weights_only)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = path / UNIVERSAL
+    if (out / "zero" / "optimizer_state.pt").exists():
+        return out
+    tmp = path / (UNIVERSAL + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=False)  # fmt: skip
+    with safe_loading():
+        ds_to_universal(args)
+    (path / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; unused
+    tmp.rename(out)
+    return out
+
+
+def load_resharded(engine: Any, path: Path, saved_world: int) -> str | None:
+    """Collective: loads a checkpoint written by `saved_world` ranks into this world of another
+    size, through the universal format (rank 0 converts, once; then every rank loads its new
+    partition of the weights and Adam moments)."""
+    if get_rank() == 0:
+        done = (path / UNIVERSAL / "zero" / "optimizer_state.pt").exists()
+        how = "loading its universal form" if done else "converting it to the universal format"
+        print0(f"{path} was written by {saved_world} ranks, this run has {get_world_size()}: "
+               f"{how} in {path / UNIVERSAL}")  # fmt: skip
+        to_universal(path)
+    barrier()
+    engine._config.load_universal_checkpoint = True  # read at load time only
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(path), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    finally:
+        engine._config.load_universal_checkpoint = False
+    return load_path
+
+
 def load_checkpoint(
     engine: Any, path: Path, manifest_hash: str, allow_data_change: bool
 ) -> dict[str, Any]:
@@ -282,11 +336,15 @@ def load_checkpoint(
             raise DataChangedError(msg)
         print0("WARNING: " + msg)
         state["data_state"] = None
+    saved_world = state.get("world_size", get_world_size())
     with safe_loading():
-        load_path, _ = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )  # fmt: skip
+        if saved_world == get_world_size():
+            load_path, _ = engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )  # fmt: skip
+        else:
+            load_path = load_resharded(engine, path, saved_world)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
         rng_file = path / "rng" / f"rank_{get_rank()}.pt"
