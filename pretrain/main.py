@@ -101,16 +101,36 @@ def _user_error(line: str) -> None:
 
 
 def _one_line(line: str, status: int) -> None:
-    """One line on stderr and exit `status`, no traceback. Under `python -m pretrain.launch` the
-    line goes to the launcher, which prints each distinct rank's line once."""
+    """One line on stderr and exit `status`, no traceback; once per launcher, not once per rank.
+    Under `python -m pretrain.launch` the line goes to the launcher, which prints each distinct
+    line once. Under another launcher (deepspeed, torchrun) the first local rank to claim the
+    line prints it: a marker file per (run rendezvous, line) in the node's temp folder."""
     error_dir = os.environ.get("PRETRAIN_ERROR_DIR")
     if error_dir and Path(error_dir).is_dir():
         rank = os.environ.get("RANK", "0")
         with open(Path(error_dir) / f"rank{rank}", "a") as f:
             print(line, file=f)
-    else:
+    elif int(os.environ.get("WORLD_SIZE", "1")) == 1 or _claim(line):
         print(line, file=sys.stderr, flush=True)
     raise SystemExit(status)
+
+
+def _claim(line: str) -> bool:
+    """True for the first process of this run on this node to claim `line`."""
+    import hashlib
+    import tempfile
+
+    run = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}:{os.getppid()}"
+    key = hashlib.sha1(f"{run}\n{line}".encode()).hexdigest()[:20]
+    folder = Path(tempfile.gettempdir()) / f"pretrain-errors-{os.getuid()}"
+    try:
+        folder.mkdir(exist_ok=True)
+        os.close(os.open(folder / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no usable temp folder: better twice than never
+        return True
 
 
 if __name__ == "__main__":

@@ -118,10 +118,21 @@ def test_stop_requested_before_the_first_step(bundled_shards, tmp_path):
     assert (run_dir / "metrics.jsonl").read_text() == ""  # no step logged
 
 
-def test_a_user_error_is_printed_once_under_the_launcher(tmp_path):
-    res = launch([f"data.paths=[{tmp_path / 'missing'}]", f"run_dir={tmp_path / 'run'}"],
-                 launcher="launch", check=False)  # fmt: skip
-    assert res.returncode == 2, res.stderr
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error")]
+@pytest.mark.parametrize(
+    "launcher,error",
+    [("launch", "data"), ("deepspeed", "data"), ("torchrun", "data"), ("deepspeed", "config")],
+)
+def test_a_user_error_is_printed_once_per_launcher(tmp_path, launcher, error):
+    """Before: once per rank under every launcher."""
+    bad = {"data": f"data.paths=[{tmp_path / 'missing'}]",
+           "config": f"deepspeed_config={tmp_path / 'missing.json'}"}[error]  # fmt: skip
+    res = launch([bad, f"run_dir={tmp_path / 'run'}"], launcher=launcher, check=False)
+    assert res.returncode == (1 if launcher == "torchrun" else 2), (
+        res.stderr
+    )  # torchrun: any failure is 1
+    errors = [line for line in res.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and "missing" in errors[0], res.stderr
-    assert "Traceback" not in res.stderr
+    if (
+        launcher != "torchrun"
+    ):  # torchrun prints its own traceback (ChildFailedError) for any failure
+        assert "Traceback" not in res.stderr
