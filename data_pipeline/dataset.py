@@ -85,6 +85,7 @@ class PackedDataset:
         world_size: int = 1,
         overlong: packing.OverlongPolicy = "truncate",
         records_per_row: int = 0,
+        readout: str = "shared",
         shuffle: bool = True,
         loop: bool = True,
         verify_checksums: bool = False,
@@ -126,6 +127,7 @@ class PackedDataset:
                 lm_views=s.lm_views,
                 lm_loss_views=s.lm_loss_views,
                 overlong=overlong,
+                unlabelled_readout=readout == "paper",
             )  # fmt: skip
             for s in self.sources
         ]

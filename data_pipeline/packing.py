@@ -63,6 +63,9 @@ class PackingConfig:
     """Views whose tokens (and the separator/eos closing them) carry LM loss; None = lm_views."""
     overlong: OverlongPolicy = "truncate"
     """A record whose LM document alone exceeds seq_len: truncate it to seq_len (LM only) or skip."""
+    unlabelled_readout: bool = False
+    """On records laid out with JEPA segments, the view closers (separator, eos) are not LM
+    targets, so no position read as an embedding carries LM loss (jepa.readout=paper)."""
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -145,6 +148,9 @@ def layout_record(views: Sequence[np.ndarray], cfg: PackingConfig, with_jepa: bo
     owner_arr = np.asarray(owner)
     labels = np.full(doc_len, IGNORE_INDEX, dtype=np.int64)
     target_in_loss = np.isin(owner_arr[1:], list(loss_views))
+    if with_jepa and cfg.unlabelled_readout and jepa_pairs(len(views), cfg.pairs):
+        # Enc(v0) is read where v0's closer is predicted: no closer is a target on this record
+        target_in_loss &= ~np.isin(np.asarray(ids[1:]), [sp.view_sep, sp.eos])
     labels[:-1] = np.where(target_in_loss, np.asarray(ids[1:]), IGNORE_INDEX)
 
     positions = list(range(doc_len))

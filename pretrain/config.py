@@ -118,6 +118,34 @@ class JepaConfig:
     """α, probability that a step is built without JEPA segments (and costs only the LM pass)."""
     stp_triples_per_doc: int = 1
     """STP: random (s < r < t) triples drawn per document segment."""
+    readout: Literal["shared", "paper"] = "shared"
+    """Where the embeddings' positions stand in the LM loss. shared: Enc(v0) is read at the last
+    token of v0 inside the LM document, the position that also predicts the view separator.
+    paper: as in the LLM-JEPA reference code, no position read as an embedding carries LM loss:
+    on rows with JEPA segments the view closers (separator, eos) are not LM targets, so a model
+    trained without LM-only rows (jepa.loss_dropout = 0) never learns to emit eos (generation
+    then runs to its token limit; the evaluator's prefix match is made for that)."""
+    regularizer: Literal["none", "sigreg", "vicreg"] = "none"
+    """Anti-collapse term on the step's view embeddings Enc(A), Enc(B), gathered across ranks:
+    sigreg (LeJEPA: toward an isotropic standard Gaussian along random 1-D projections) or
+    vicreg (variance and covariance terms)."""
+    regularizer_weight: float = 1.0
+    """β: the loss adds β × the regularizer (mean over the step's micro-batches)."""
+    sigreg_slices: int = 256
+    """SIGReg: random projection directions (drawn from the seed and step, equal on all ranks)."""
+    sigreg_points: int = 17
+    """SIGReg: integration nodes of the Epps–Pulley statistic on [0, sigreg_t_max]."""
+    sigreg_t_max: float = 3.0
+    """SIGReg: upper end of the integral over t."""
+    vicreg_std: float = 1.0
+    """VICReg: target standard deviation of every embedding dimension."""
+    vicreg_variance_weight: float = 1.0
+    """VICReg: weight of the variance (hinge on the std) term."""
+    vicreg_covariance_weight: float = 1.0
+    """VICReg: weight of the covariance (off-diagonal) term."""
+    collapse_warning_cosine: float = 0.99
+    """Warn once when the mean cosine between different records' Enc(B) (jepa/cos_b_b) stays
+    above this for 5 log steps in a row; 1 = never."""
 
     def __post_init__(self):
         _check(self.predictor_tokens >= 0, "jepa.predictor_tokens", ">= 0", self.predictor_tokens)
@@ -130,6 +158,14 @@ class JepaConfig:
             "> 0",
             self.infonce_temperature,
         )
+        _check(self.regularizer_weight >= 0, "jepa.regularizer_weight", ">= 0",
+               self.regularizer_weight)  # fmt: skip
+        _check(self.sigreg_slices >= 1, "jepa.sigreg_slices", ">= 1", self.sigreg_slices)
+        _check(self.sigreg_points >= 2, "jepa.sigreg_points", ">= 2", self.sigreg_points)
+        _check(self.sigreg_t_max > 0, "jepa.sigreg_t_max", "> 0", self.sigreg_t_max)
+        _check(self.vicreg_std > 0, "jepa.vicreg_std", "> 0", self.vicreg_std)
+        _check(-1 <= self.collapse_warning_cosine <= 1, "jepa.collapse_warning_cosine",
+               "in [-1, 1]", self.collapse_warning_cosine)  # fmt: skip
         _check(
             self.stp_triples_per_doc >= 1,
             "jepa.stp_triples_per_doc",

@@ -262,3 +262,84 @@ def stp_loss(
 def total_loss(lm: torch.Tensor, jepa: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """γ · next-token loss + λ · JEPA (or STP) loss."""
     return gamma * lm + lam * jepa
+
+
+# --------------------------------------------------------------------------------------------
+# Anti-collapse regularizers of a batch of embeddings z (N, D): 1 − cos has no negatives and no
+# stop-gradient, so a constant embedding minimises it; these push the batch apart.
+
+
+def sigreg(
+    z: torch.Tensor, directions: torch.Tensor, t_max: float = 3.0, points: int = 17
+) -> torch.Tensor:
+    """SIGReg (LeJEPA, Balestriero & LeCun, arXiv 2511.08544): how far z (N, D) is from an
+    isotropic standard Gaussian, tested along random 1-D projections. For each direction (the
+    columns of directions (D, S), unit norm), the Epps–Pulley statistic of the projected batch:
+    ∫ w(t) |φ̂(t) − φ(t)|² dt, φ̂ the empirical characteristic function, φ(t) = exp(−t²/2) the
+    standard normal's, w(t) = exp(−t²/2), by the trapezoid rule on `points` nodes of [0, t_max]
+    (the integrand is even). Mean over directions. About 0 for standard Gaussian samples (an
+    O(1/N) finite-sample floor), large for a collapsed batch; smooth everywhere (cos, sin), so its
+    gradient is finite on a constant batch. 0 without samples."""
+    if z.shape[0] == 0:
+        return z.sum() * 0.0
+    proj = z.float() @ directions.to(device=z.device, dtype=torch.float32)  # (N, S)
+    t = torch.linspace(0.0, t_max, points, device=z.device)  # (K,)
+    x = proj.unsqueeze(-1) * t  # (N, S, K)
+    gauss = torch.exp(-0.5 * t * t)  # φ(t), also the weight w(t)
+    err = (torch.cos(x).mean(0) - gauss).pow(2) + torch.sin(x).mean(0).pow(2)  # (S, K)
+    return 2.0 * torch.trapezoid(err * gauss, t, dim=-1).mean()
+
+
+def sigreg_directions(
+    dim: int, slices: int, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(dim, slices) random unit directions, drawn on `device`: the same on every rank for the
+    same seed."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    d = torch.randn(dim, slices, generator=gen, device=device)
+    return d / d.norm(dim=0, keepdim=True)
+
+
+def vicreg(
+    z: torch.Tensor, std_target: float = 1.0, variance_weight: float = 1.0,
+    covariance_weight: float = 1.0, eps: float = 1e-4,
+) -> torch.Tensor:  # fmt: skip
+    """VICReg's variance and covariance terms (Bardes, Ponce & LeCun 2022) of z (N, D):
+    variance_weight · mean_d relu(std_target − std_d) + covariance_weight · Σ_{d≠e} cov_de² / D.
+    0 when every dimension has std ≥ std_target and they are uncorrelated; about
+    variance_weight · std_target for a collapsed batch. 0 with fewer than 2 samples."""
+    n, d = z.shape
+    if n < 2:
+        return z.sum() * 0.0
+    zc = z.float() - z.float().mean(0)
+    std = torch.sqrt(zc.pow(2).sum(0) / (n - 1) + eps)
+    variance = F.relu(std_target - std).mean()
+    cov = zc.T @ zc / (n - 1)
+    off_diagonal = cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()
+    return variance_weight * variance + covariance_weight * off_diagonal / d
+
+
+def gather_embeddings(z: torch.Tensor) -> torch.Tensor:
+    """z (N, D) of every rank, in rank order; gradients flow back to each rank's own rows."""
+    return _gather_with_grad(z)[0]
+
+
+def collapse_stats(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Detached metrics of one batch of pairs, (3,) float64: the mean cosine between different
+    records' Enc(B), the same for Pred(Enc(A)) (both → 1 when the embeddings collapse to one
+    direction), and the effective rank of the Enc(B) (→ 1). NaN with fewer than 2 pairs."""
+    if pred.shape[0] < 2:
+        return torch.full((3,), float("nan"), dtype=torch.float64, device=pred.device)
+
+    def mean_off_diagonal_cosine(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.detach().float(), dim=-1)
+        n = x.shape[0]
+        sim = x @ x.T
+        return (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+
+    s = torch.linalg.svdvals(target.detach().float())
+    p = s / s.sum().clamp(min=1e-12)
+    erank = torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
+    return torch.stack(
+        [mean_off_diagonal_cosine(target), mean_off_diagonal_cosine(pred), erank]
+    ).double()

@@ -2,7 +2,7 @@
 
     objective = Objective(hf_model, cfg.jepa, cfg.model)
     engine = deepspeed.initialize(model=objective, ...)
-    sums = engine(batch, with_jepa=True, stp_seed=s)    # LossSums of one micro-batch
+    sums = engine(batch, with_jepa=True, stp_seed=s, reg_seed=r, stats=False)  # one micro-batch
 
 Its forward runs the decoder once over a packed batch (data_pipeline/packing.py) and returns the
 micro-batch's loss SUMS (LM, JEPA or STP, the cosine metric); the engine divides them by the
@@ -46,6 +46,13 @@ class LossSums(NamedTuple):
     lm_sum: torch.Tensor
     aux_sum: torch.Tensor
     cos_sum: torch.Tensor
+    reg: torch.Tensor
+    """The jepa.regularizer of the micro-batch's view embeddings gathered from every rank (the
+    same value on every rank), in the graph; 0 without a regularizer."""
+    collapse: torch.Tensor
+    """(4,) float64, detached: cos(B, B'), cos(Pred, Pred'), effective rank of Enc(B), and 1, of
+    this rank's pairs when stats were asked for and it has 2 or more; else zeros (sum, then
+    divide by the last entry)."""
 
 
 def add_label_index(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -134,7 +141,12 @@ class Objective(torch.nn.Module):
 
     # -- the objective -------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Any], with_jepa: bool, stp_seed: int = 0) -> LossSums:
+    def forward(
+        self, batch: dict[str, Any], with_jepa: bool, stp_seed: int = 0, reg_seed: int = 0,
+        stats: bool = False,
+    ) -> LossSums:  # fmt: skip
+        """stp_seed: this rank's STP triples; reg_seed: the SIGReg directions (the same on every
+        rank); stats: also compute the collapse metrics (log steps)."""
         j = self.jepa
         if self.lm_loss == "full":
             logits, hidden = model_lib.forward_batch(
@@ -145,20 +157,34 @@ class Objective(torch.nn.Module):
             last, hidden = self.hidden_states(batch)
             lm_sum = self._lm_sum_chunked(last, batch)
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        aux_sum, cos_sum = zero, zero
+        aux_sum, cos_sum, reg = zero, zero, zero
+        collapse = torch.zeros(4, dtype=torch.float64, device=hidden.device)
         if j.objective == "jepa" and with_jepa:
             # Every rank computes the term, pairs or not: infonce gathers negatives across ranks.
-            pred, target, _ = losses.gather_pairs(hidden, batch)  # (P, H) each
+            pred, target, source = losses.gather_pairs(hidden, batch)  # (P, H) each
             aux_sum, _ = losses.jepa_loss_sum(pred, target, j.distance, j.infonce_temperature)
             if pred.shape[0]:
                 cos_sum = losses.view_cosine(pred, target) * pred.shape[0]
+            if j.regularizer != "none":  # a collective too: every rank, pairs or not
+                z = losses.gather_embeddings(torch.cat([source, target]))
+                reg = self.regularizer(z, reg_seed)
+            if stats and pred.shape[0] >= 2:
+                collapse = torch.cat([losses.collapse_stats(pred, target), collapse.new_ones(1)])
         elif j.objective == "stp":
             # Triples are drawn on the host from host spans (no device sync), then indexed.
             gen = torch.Generator().manual_seed(stp_seed)
             spans = torch.as_tensor(batch["doc_spans"])
             n = stp_count(spans, j.stp_triples_per_doc)
             aux_sum = losses.stp_loss(hidden, spans, j.stp_triples_per_doc, gen) * n
-        return LossSums(lm_sum.float(), aux_sum.float(), cos_sum.float())
+        return LossSums(lm_sum.float(), aux_sum.float(), cos_sum.float(), reg.float(), collapse)
+
+    def regularizer(self, z: torch.Tensor, seed: int) -> torch.Tensor:
+        """jepa.regularizer of the embeddings z (N, H)."""
+        j = self.jepa
+        if j.regularizer == "sigreg":
+            directions = losses.sigreg_directions(z.shape[1], j.sigreg_slices, seed, z.device)
+            return losses.sigreg(z, directions, j.sigreg_t_max, j.sigreg_points)
+        return losses.vicreg(z, j.vicreg_std, j.vicreg_variance_weight, j.vicreg_covariance_weight)
 
     @torch.no_grad()
     def view_embeddings(

@@ -4,6 +4,7 @@ Objective per optimizer step (pretrain/objective.py computes the sums, pretrain/
 parts):
 
     loss = γ · Σ_tokens CE / N_tokens  +  λ · Σ_pairs d(Pred(Enc(A)), Enc(B)) / N_pairs
+           + β · mean over micro-batches of R(Enc(A), Enc(B) of all ranks)     (jepa.regularizer)
 
 where both counts are GLOBAL (all micro-batches of the step, all ranks), reduced on the device
 before the first backward, so accumulation and world size do not change the objective. DeepSpeed
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +56,10 @@ from pretrain.metrics import (
     training_flops,
 )
 from pretrain.rundir import RunDirBusyError, RunDirLock
-from pretrain.validation import evaluate, stp_seed
+from pretrain.validation import evaluate, shared_seed, stp_seed
 
 STOP = preemption.PREEMPT_EXIT_CODE
+COLLAPSE_LOGS = 5  # log steps in a row above jepa.collapse_warning_cosine before the warning
 
 # --------------------------------------------------------------------------------------------
 # Schedule
@@ -107,6 +110,8 @@ class Run:
     last_good: str | None = None
     """Tag of the newest checkpoint known to hold good weights: never pruned."""
     warned_no_pairs: bool = False
+    recent_cos_b_b: deque = field(default_factory=lambda: deque(maxlen=COLLAPSE_LOGS))
+    warned_collapse: bool = False
     step: int = 0
     skipped_steps: int = 0
     tokens_seen: int = 0
@@ -117,7 +122,12 @@ class StepResult:
     """What one optimizer step leaves for logging: device tensors (no sync) and host counts."""
 
     sums: torch.Tensor
-    """(4,) float64 on the device, this rank: LM CE sum, JEPA|STP sum, cosine sum, loss."""
+    """(5,) float64 on the device, this rank: LM CE sum, JEPA|STP sum, cosine sum, loss, and the
+    regularizer summed over micro-batches (the same on every rank)."""
+    collapse: torch.Tensor
+    """(4,) float64 on the device, this rank: collapse metrics summed over micro-batches, and
+    their count (LossSums.collapse); zeros unless asked for."""
+    micro_batches: int
     counts: torch.Tensor
     """(2,) global LM loss tokens and JEPA pairs | STP triples, on the device."""
     work: BatchWork
@@ -148,6 +158,7 @@ def _dataset(cfg: TrainConfig, split: str, seed: int):
         world_size=get_world_size(),
         overlong=d.overlong,
         records_per_row=d.records_per_row,
+        readout=cfg.jepa.readout,
         shuffle=split == "train",
         loop=True,
         verify_checksums=d.verify_checksums and split == "train",
@@ -304,8 +315,11 @@ def stop_bad(run: Run) -> None:
 # One optimizer step
 
 
-def train_step(run: Run, step_in: StepInput, wait_s: float = 0.0) -> StepResult:
-    """Micro-steps + DeepSpeed step (clipping inside). Makes no host sync of its own."""
+def train_step(
+    run: Run, step_in: StepInput, wait_s: float = 0.0, stats: bool = False
+) -> StepResult:
+    """Micro-steps + DeepSpeed step (clipping inside). Makes no host sync of its own. stats:
+    compute the collapse metrics too (log steps)."""
     cfg, engine, dev = run.cfg, run.engine, device()
     j, world = cfg.jepa, get_world_size()
     # Global counts, reduced on the device: no host sync (gloo on CPU is synchronous anyway).
@@ -314,19 +328,29 @@ def train_step(run: Run, step_in: StepInput, wait_s: float = 0.0) -> StepResult:
         host_counts = host_counts.pin_memory()
     counts = all_reduce_sum(host_counts.to(dev, non_blocking=dev.type == "cuda"))
     n_lm, n_aux = counts.float().clamp(min=1.0).unbind()
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)
+    collapse = torch.zeros(4, dtype=torch.float64, device=dev)
+    # R is computed on every rank from the same gathered embeddings: each rank's share is
+    # R / world, so that the ranks' shares sum to R (the gather sends gradients back).
+    reg_scale = j.regularizer_weight / (world * len(step_in.micro))
     for k, host in enumerate(step_in.micro):
         batch = to_device(host, dev)
-        out = engine(batch, with_jepa=step_in.with_jepa, stp_seed=stp_seed(cfg, run.step, k))
+        out = engine(batch, with_jepa=step_in.with_jepa, stp_seed=stp_seed(cfg, run.step, k),
+                     reg_seed=shared_seed(cfg, run.step, k), stats=stats)  # fmt: skip
         loss = j.lm_weight * out.lm_sum / n_lm
         if j.objective != "none" and j.weight > 0:
             loss = loss + j.weight * out.aux_sum / n_aux
+        if j.objective == "jepa" and j.regularizer != "none" and step_in.with_jepa:
+            loss = loss + reg_scale * out.reg
+        collapse += out.collapse
         # DeepSpeed averages gradients over ranks; the counts are already global.
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # applies the update (with clipping) at the accumulation boundary only
-        sums += torch.stack([out.lm_sum.detach(), out.aux_sum.detach(), out.cos_sum, loss.detach()])
+        sums += torch.stack([out.lm_sum.detach(), out.aux_sum.detach(), out.cos_sum,
+                             loss.detach(), out.reg.detach()])  # fmt: skip
     return StepResult(
-        sums=sums, counts=counts, work=step_in.work, with_jepa=step_in.with_jepa,
+        sums=sums, collapse=collapse, micro_batches=len(step_in.micro),
+        counts=counts, work=step_in.work, with_jepa=step_in.with_jepa,
         applied=engine.was_step_applied(), pack_stats=step_in.pack_stats, wait_s=wait_s,
     )  # fmt: skip
 
@@ -338,10 +362,10 @@ def log_step(run: Run, res: StepResult, lr: float, step_s: float) -> dict[str, f
     p = res.pack_stats
     local = [w.lm_tokens, w.jepa_extra_tokens, flops, p.records, p.truncated, p.skipped_overlong,
              p.jepa_dropped_overlong, p.tokens, p.rows * p.seq_len]  # fmt: skip
-    reduced = all_reduce_sum(
-        torch.cat([res.sums, torch.tensor(local, dtype=torch.float64, device=res.sums.device)])
-    )
-    lm_sum, aux_sum, cos_sum, total, lm_tok, extra_tok, flops_total, *packing = reduced.tolist()
+    local = torch.tensor(local, dtype=torch.float64, device=res.sums.device)
+    reduced = all_reduce_sum(torch.cat([res.sums, res.collapse, local]))
+    lm_sum, aux_sum, cos_sum, total, reg_sum, *rest = reduced.tolist()
+    cos_b_b, cos_pred_pred, erank, n_collapse, lm_tok, extra_tok, flops_total, *packing = rest
     records, truncated, skipped, jepa_dropped, tokens, slots = packing
     n_lm, n_aux = res.counts.tolist()
     tokens_rank = w.lm_tokens + w.jepa_extra_tokens
@@ -376,11 +400,34 @@ def log_step(run: Run, res: StepResult, lr: float, step_s: float) -> dict[str, f
         s[name] = aux_sum / n_aux
         if cfg.jepa.objective == "jepa":
             s["jepa/cosine"] = cos_sum / n_aux
+    if cfg.jepa.objective == "jepa" and cfg.jepa.regularizer != "none" and res.with_jepa:
+        s["jepa/regularizer"] = reg_sum / (world * res.micro_batches)
+    if n_collapse > 0:  # mean over ranks and micro-batches with >= 2 pairs
+        s["jepa/cos_b_b"] = cos_b_b / n_collapse
+        s["jepa/cos_pred_pred"] = cos_pred_pred / n_collapse
+        s["jepa/effective_rank_b"] = erank / n_collapse
+        warn_if_collapsed(run, s["jepa/cos_b_b"])
     peak = peak_flops_per_s()
     if peak is not None:
         s["mfu"] = mfu(flops_total, step_s, peak, world)
     run.metrics.log(run.step, s)
     return s
+
+
+def warn_if_collapsed(run: Run, cos_b_b: float) -> None:
+    """One warning line when different records' Enc(B) have looked alike for COLLAPSE_LOGS log
+    steps in a row (jepa.collapse_warning_cosine)."""
+    limit = run.cfg.jepa.collapse_warning_cosine
+    run.recent_cos_b_b.append(cos_b_b)
+    full = len(run.recent_cos_b_b) == COLLAPSE_LOGS
+    if full and min(run.recent_cos_b_b) > limit and not run.warned_collapse:
+        run.warned_collapse = True
+        print0(
+            f"WARNING: step {run.step}: the view embeddings look collapsed: jepa/cos_b_b, the mean "
+            f"cosine between different records' Enc(B), has been above {limit:g} for the last "
+            f"{COLLAPSE_LOGS} log steps (now {cos_b_b:.4f}); the JEPA term can then be satisfied "
+            "without telling records apart (try jepa.regularizer=sigreg or jepa.readout=paper)"
+        )
 
 
 def _grad_norm(engine: Any) -> float:
@@ -439,13 +486,14 @@ def loop(run: Run) -> None:
 
         t0 = time.perf_counter()
         step_in = run.inputs.next()
-        res = train_step(run, step_in, run.inputs.wait_s)
+        log_now = every(run.step + 1, lcfg.log_every_steps) or run.step + 1 == stop
+        res = train_step(run, step_in, run.inputs.wait_s, stats=log_now)
         run.tokens_seen += res.work.lm_tokens + res.work.jepa_extra_tokens
         if not res.applied:
             run.skipped_steps += 1
         run.pending.append((run.step, res.applied, res.sums[0] / res.counts[0].clamp(min=1)))
         logged = None
-        if every(run.step + 1, lcfg.log_every_steps) or run.step + 1 == stop or not res.applied:
+        if log_now or not res.applied:
             logged = log_step(run, res, lr, time.perf_counter() - t0)
         run.step += 1
         if bar is not None:

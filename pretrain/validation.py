@@ -24,6 +24,12 @@ def stp_seed(cfg: TrainConfig, step: int, micro: int, evaluation: bool = False) 
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
+def shared_seed(cfg: TrainConfig, step: int, micro: int) -> int:
+    """Seed of what must be the same on every rank for a micro-batch (the SIGReg directions):
+    differs per step, same on resume."""
+    return int(np.random.SeedSequence([cfg.seed, 7, step, micro]).generate_state(1)[0])
+
+
 @torch.no_grad()
 def evaluate(engine: Any, val_ds: Any, val_start: dict, cfg: TrainConfig) -> dict[str, float]:
     """Validation LM loss, JEPA (or STP) loss and mean view cosine over logging.eval_batches

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from data_pipeline.packing import (
+    IGNORE_INDEX,
     PackingConfig,
     SpecialIds,
     assemble_row,
@@ -76,12 +77,21 @@ def expected_pairs(model, records, batch, k: int, pairs: str):
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("k", [0, 1, 3])
 @pytest.mark.parametrize("n_views,pairs", [(2, "first"), (3, "chain")])
-def test_packed_row_equals_separate_passes(model_type, attn_impl, k, n_views, pairs):
+@pytest.mark.parametrize("readout", ["shared", "paper"])
+def test_packed_row_equals_separate_passes(model_type, attn_impl, k, n_views, pairs, readout):
+    """jepa.readout changes labels only: the embeddings and logits are the same in both modes."""
     rng = np.random.default_rng(100 * k + n_views)
     records = [
         [rng.integers(8, VOCAB, rng.integers(1, 9)) for _ in range(n_views)] for _ in range(10)
     ]
-    batch = packed_batch(records, PackingConfig(SEQ_LEN, SPECIALS, predictor_tokens=k, pairs=pairs))
+    pack = PackingConfig(SEQ_LEN, SPECIALS, predictor_tokens=k, pairs=pairs,
+                         unlabelled_readout=readout == "paper")  # fmt: skip
+    batch = packed_batch(records, pack)
+    if readout == "paper":  # no position read as an embedding, nor any closer, is a target
+        labels = batch["labels"]
+        for name in ("pred_index", "target_index", "source_index"):
+            assert (labels[batch["pair_batch_index"], batch[name]] == IGNORE_INDEX).all()
+        assert not np.isin(labels, [SPECIALS.view_sep, SPECIALS.eos]).any()
     model = tiny_model(model_type, attn_impl)
     with torch.no_grad():
         logits, hidden = forward_batch(model, batch, attn_impl)

@@ -228,3 +228,60 @@ def test_stp_without_long_enough_documents_is_zero_in_the_graph():
 
 def test_total_loss_weights_the_terms():
     assert total_loss(torch.tensor(2.0), torch.tensor(0.5), gamma=1.0, lam=4.0).item() == 4.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Anti-collapse regularizers and collapse metrics
+
+
+def _gaussian(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["sigreg", "vicreg"])
+def test_regularizers_small_on_gaussian_large_on_collapse_finite_gradient(kind):
+    from pretrain.loss import sigreg, sigreg_directions, vicreg
+
+    directions = sigreg_directions(32, 64, seed=3)
+
+    def reg(z):
+        return sigreg(z, directions) if kind == "sigreg" else vicreg(z)
+
+    gaussian = reg(_gaussian(4096, 32))
+    collapsed = torch.full((4096, 32), 0.7)  # every embedding the same
+    one_direction = _gaussian(4096, 1) * torch.ones(1, 32)  # all on one line
+    assert gaussian < 0.02, gaussian
+    assert reg(collapsed) > 0.5 and reg(one_direction) > 10 * gaussian
+    z = collapsed.clone().requires_grad_()
+    reg(z).backward()
+    assert torch.isfinite(z.grad).all()
+    assert reg(torch.zeros(0, 32)) == 0 and reg(torch.zeros(1, 32)) >= 0  # no samples: no NaN
+
+
+def test_sigreg_directions_depend_on_the_seed_only():
+    from pretrain.loss import sigreg_directions
+
+    a, b = sigreg_directions(16, 8, seed=5), sigreg_directions(16, 8, seed=5)
+    assert torch.equal(a, b) and not torch.equal(a, sigreg_directions(16, 8, seed=6))
+    torch.testing.assert_close(a.norm(dim=0), torch.ones(8))
+
+
+def test_sigreg_is_minimised_by_the_standard_gaussian_not_by_a_scaled_one():
+    from pretrain.loss import sigreg, sigreg_directions
+
+    directions = sigreg_directions(16, 64, seed=1)
+    z = _gaussian(4096, 16, seed=2)
+    assert sigreg(z, directions) < sigreg(0.3 * z, directions)
+    assert sigreg(z, directions) < sigreg(3.0 * z, directions)
+
+
+def test_collapse_stats():
+    from pretrain.loss import collapse_stats
+
+    spread = _gaussian(64, 32)
+    cos_bb, cos_pp, erank = collapse_stats(spread, spread).tolist()
+    assert abs(cos_bb) < 0.05 and abs(cos_pp) < 0.05 and erank > 20
+    same = torch.ones(64, 32) + 1e-4 * _gaussian(64, 32)
+    cos_bb, _, erank = collapse_stats(same, same).tolist()
+    assert cos_bb > 0.999 and erank < 2
+    assert torch.isnan(collapse_stats(spread[:1], spread[:1])).all()

@@ -153,7 +153,7 @@ def zero3_results(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case", ["llama/none/k1", "llama/jepa/k0", "llama/jepa/k1", "llama/jepa/k3", "llama/stp/k1",
-             "gpt2/jepa/k1"],
+             "gpt2/jepa/k1", "llama/jepa/k1/sigreg", "llama/jepa/k1/vicreg"],
 )  # fmt: skip
 def test_zero3_chunked_head_equals_full_logits(zero3_results, case):
     """Engine (chunked head, ZeRO-3 partitions, each rank its own batch) against the full-logits

@@ -131,3 +131,20 @@ def test_config_validation():
         cfg(lm_views=(1, 0))
     with pytest.raises(ValueError, match="subset"):
         cfg(lm_views=(0,), lm_loss_views=(1,))
+
+
+def test_paper_readout_masks_the_closers_only_on_jepa_records():
+    """jepa.readout=paper: Enc(v0) is read at v0's last token, whose target in the shared mode is
+    the separator; on a record with JEPA segments no closer (separator, eos) is a target, so no
+    position read as an embedding carries LM loss. LM-only records keep their closers."""
+    recs = [[A([20, 21]), A([30])]]
+    shared, _ = pack_rows(recs, cfg(seq_len=12))
+    paper, _ = pack_rows(recs, cfg(seq_len=12, unlabelled_readout=True))
+    # LM doc [bos 20 21 sep 30 eos] | view [bos 30] | predictors [10 11] | pad
+    assert shared[0]["labels"].tolist()[:6] == [20, 21, 4, 30, 2, X]
+    assert paper[0]["labels"].tolist()[:6] == [20, 21, X, 30, X, X]
+    assert paper[0]["source_index"].tolist() == [2]  # the position whose target was the sep
+    lm_only, _ = pack_rows(recs, cfg(seq_len=12, jepa=False, unlabelled_readout=True))
+    assert lm_only[0]["labels"].tolist()[:6] == [20, 21, 4, 30, 2, X]
+    single, _ = pack_rows([[A([5, 6])]], cfg(seq_len=8, unlabelled_readout=True))  # no pair
+    assert single[0]["labels"].tolist()[:4] == [5, 6, 2, X]

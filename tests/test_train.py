@@ -178,6 +178,24 @@ def test_a_blow_up_never_costs_the_last_good_checkpoint(bundled_shards, tmp_path
     assert rows[-1]["loss/lm"] < 10
 
 
+def test_regularizer_readout_and_collapse_metrics_in_training(bundled_shards, tmp_path):
+    """jepa.regularizer and jepa.readout=paper train; the collapse metrics are logged at every log
+    step from the step's own embeddings; the warning fires once (here at a threshold every batch
+    exceeds, to see it)."""
+    run_dir = tmp_path / "reg"
+    over = tiny_overrides(bundled_shards, run_dir, **{
+        "schedule.train_steps": 6, "jepa.regularizer": "sigreg", "jepa.readout": "paper",
+        "jepa.sigreg_slices": 32, "jepa.collapse_warning_cosine": -1, "logging.eval_every_steps": 0,
+    })  # fmt: skip
+    proc = launch(over, nproc=1, launcher="python")
+    rows = read_metrics(run_dir)
+    for r in rows:
+        assert r["jepa/regularizer"] > 0 and math.isfinite(r["loss/total"])
+        assert -1 <= r["jepa/cos_b_b"] <= 1 and -1 <= r["jepa/cos_pred_pred"] <= 1
+        assert r["jepa/effective_rank_b"] >= 1
+    assert proc.stdout.count("the view embeddings look collapsed: jepa/cos_b_b") == 1
+
+
 def _shm_buffers(port: int) -> list[str]:
     """DeepSpeed's CPU all-reduce segments of a run on `port` (any rank)."""
     return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

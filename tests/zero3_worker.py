@@ -3,7 +3,9 @@ module under real DeepSpeed ZeRO-3 over gloo, written as JSON by rank 0 to argv[
 
     grads      loss and every parameter's gradient of the engine (chunked LM head, each rank
                its own batch) equal the full-logits reference computed in one process over both
-               ranks' batches, for LM-only, LLM-JEPA k = 0, 1, 3, STP and tied GPT-2.
+               ranks' batches, for LM-only, LLM-JEPA k = 0, 1, 3, STP, tied GPT-2, and LLM-JEPA
+               with each regularizer (the reference computes it once over both ranks' pairs,
+               the engine over the embeddings gathered from both ranks).
     accum      the gradient of one micro-batch of N rows equals N micro-batches of 1 row
                (fp32, and bf16 with fp32 accumulation), read after the accumulation boundary.
 """
@@ -26,6 +28,7 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from data_pipeline.packing import PackingConfig, SpecialIds, collate_rows, pack_rows  # noqa: E402
+from pretrain import loss as losses  # noqa: E402
 from pretrain.config import JepaConfig, ModelConfig  # noqa: E402
 from pretrain.model import build_model, build_model_config  # noqa: E402
 from pretrain.objective import Objective, add_label_index, batch_counts  # noqa: E402
@@ -92,9 +95,10 @@ def full_grads(engine) -> dict[str, torch.Tensor]:
     }
 
 
-def check_grads(model_type: str, objective: str, k: int) -> dict:
+def check_grads(model_type: str, objective: str, k: int, regularizer: str = "none") -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    jepa = JepaConfig(objective=objective, predictor_tokens=k, weight=1.0)
+    jepa = JepaConfig(objective=objective, predictor_tokens=k, weight=1.0, regularizer=regularizer,
+                      regularizer_weight=3.0, sigreg_slices=16)  # fmt: skip
     per_rank = batches(k, objective == "jepa", seed=10 * k + len(objective))
     counts = sum(batch_counts(collate_rows(rows), jepa, True) for rows in per_rank)  # global
 
@@ -103,7 +107,14 @@ def check_grads(model_type: str, objective: str, k: int) -> dict:
     reference = Objective(copy.deepcopy(model), jepa, ModelConfig(lm_loss="full")).eval()
     # Reference: one process, both ranks' batches, full logits.
     ref_loss = 0.0
-    for r, rows in enumerate(per_rank):
+    if regularizer != "none":  # one batch of both ranks' rows: R over all the pairs at once
+        gather, losses.gather_embeddings = losses.gather_embeddings, lambda z: z  # no duplicates
+        out = reference(tensors(per_rank[0] + per_rank[1]), with_jepa=True, reg_seed=5)
+        losses.gather_embeddings = gather
+        loss = step_loss(out, counts, jepa) + jepa.regularizer_weight * out.reg
+        loss.backward()
+        ref_loss += float(loss.detach())
+    for r, rows in enumerate(per_rank if regularizer == "none" else []):
         out = reference(tensors(rows), with_jepa=True, stp_seed=1000 + r)
         loss = step_loss(out, counts, jepa)
         loss.backward()
@@ -118,8 +129,8 @@ def check_grads(model_type: str, objective: str, k: int) -> dict:
         config=ds_config(ROWS, 1),
     )  # fmt: skip
     engine.eval()
-    out = engine(tensors(per_rank[rank]), with_jepa=True, stp_seed=1000 + rank)
-    loss = step_loss(out, counts, jepa)
+    out = engine(tensors(per_rank[rank]), with_jepa=True, stp_seed=1000 + rank, reg_seed=5)
+    loss = step_loss(out, counts, jepa) + jepa.regularizer_weight * out.reg / world
     engine.backward(loss * world, scale_wrt_gas=False)
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -180,6 +191,10 @@ def main(out_path: str) -> None:
              ("llama", "jepa", 3), ("llama", "stp", 1), ("gpt2", "jepa", 1)]  # fmt: skip
     for model_type, objective, k in cases:
         results["grads"][f"{model_type}/{objective}/k{k}"] = check_grads(model_type, objective, k)
+    for regularizer in ("sigreg", "vicreg"):
+        results["grads"][f"llama/jepa/k1/{regularizer}"] = check_grads(
+            "llama", "jepa", 1, regularizer
+        )
     for name, bf16 in (("fp32", False), ("bf16", True)):
         results["accum"][name] = check_accumulation(bf16)
     if dist.get_rank() == 0:
