@@ -45,3 +45,14 @@ def test_nlrx_quick_runs_end_to_end(tmp_path):
         "pretrain.experiments.nlrx", "--out", out, "--quick", env=engine_env(), timeout=600
     )
     assert again.stdout.count(" s)") == 4 and "(0 s)" in again.stdout
+
+
+def test_grid_variants_name_their_arms_and_overrides():
+    from pretrain.experiments.nlrx import parse_arms
+
+    lm, plain, paper = parse_arms("2:3,2:3:paper_sigreg")
+    assert (lm.name, plain.name, paper.name) == ("lm", "l2_k3", "l2_k3_paper_sigreg")
+    assert paper.overrides == ("jepa.readout=paper", "jepa.regularizer=sigreg")
+    assert plain.overrides == () and lm.overrides == ()
+    with pytest.raises(RuntimeError, match="unknown variant 'nope'"):
+        parse_arms("2:3:nope")

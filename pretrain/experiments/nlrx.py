@@ -50,26 +50,52 @@ METRICS = (
 )  # fmt: skip
 
 
+# Named variants of a JEPA arm (grid item λ:k:variant): what each changes, as config overrides.
+VARIANTS = {
+    "paper": ("jepa.readout=paper",),
+    "sigreg": ("jepa.regularizer=sigreg",),
+    "vicreg": ("jepa.regularizer=vicreg",),
+    "paper_sigreg": ("jepa.readout=paper", "jepa.regularizer=sigreg"),
+    "paper_vicreg": ("jepa.readout=paper", "jepa.regularizer=vicreg"),
+    "mid": ("jepa.hidden_layer=2",),
+}
+
+
 @dataclass(frozen=True)
 class Arm:
     weight: float  # λ; 0 = LM only
     k: int
+    variant: str = ""  # a key of VARIANTS, or "" for the defaults
 
     @property
     def name(self) -> str:
-        return "lm" if self.weight == 0 else f"l{self.weight:g}_k{self.k}"
+        if self.weight == 0:
+            return "lm"
+        return f"l{self.weight:g}_k{self.k}" + (f"_{self.variant}" if self.variant else "")
 
     @property
     def label(self) -> str:
-        return "LM only" if self.weight == 0 else f"LLM-JEPA λ={self.weight:g} k={self.k}"
+        if self.weight == 0:
+            return "LM only"
+        return f"LLM-JEPA λ={self.weight:g} k={self.k}" + (
+            f" {self.variant}" if self.variant else ""
+        )
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return VARIANTS[self.variant] if self.variant else ()
 
 
 def parse_arms(grid: str) -> list[Arm]:
-    """ "2:3,1:3" → LM + those (λ, k) arms."""
+    """ "2:3,1:3,2:3:sigreg" → LM + those (λ, k[, variant]) arms."""
     arms = [Arm(0.0, 1)]
     for item in filter(None, grid.split(",")):
-        lam, k = item.split(":")
-        arms.append(Arm(float(lam), int(k)))
+        lam, k, *variant = item.split(":")
+        if variant and variant[0] not in VARIANTS:
+            raise RuntimeError(
+                f"unknown variant {variant[0]!r} in --grid (known: {', '.join(VARIANTS)})"
+            )
+        arms.append(Arm(float(lam), int(k), variant[0] if variant else ""))
     return arms
 
 
@@ -118,7 +144,7 @@ def run_one(
               f"data.paths=[{shards}]", f"run_dir={run_dir}", f"seed={seed}",
               f"jepa.weight={arm.weight}", f"jepa.predictor_tokens={arm.k}",
               f"schedule.train_steps={steps}", f"schedule.warmup_steps={max(1, steps // 20)}",
-              *extra],
+              *arm.overrides, *extra],
              run_dir / "train.log", env)  # fmt: skip
     # Export + evaluate in this process, one run at a time (no second torch start-up); their
     # output goes to the run's eval.log (sys.stdout is swapped: the driver prints to `console`).
@@ -177,6 +203,7 @@ def summarize(results: dict[Arm, dict[int, dict]], seeds: list[int]) -> dict:
         spectra = np.array([results[arm][s]["singular_values"] for s in seeds])
         summary["arms"][arm.name] = {
             "label": arm.label, "weight": arm.weight, "predictor_tokens": arm.k,
+            "overrides": list(arm.overrides),
             "metrics": per_metric, "singular_values_mean": spectra.mean(0).tolist(),
         }  # fmt: skip
     return summary
