@@ -33,13 +33,20 @@ class DatasetError(ValueError):
     """The data cannot give what the run asks of it (e.g. no record fits a row)."""
 
 
+def check_folder(folder: Path, split: str, full: bool) -> None:
+    """The start-up checks of one shard folder's split (verify_folder): ShardError naming every
+    problem, in one line."""
+    problems = verify_folder(folder, full=full, leftovers=False, split=split)
+    if problems:
+        raise ShardError(f"{folder}: " + "; ".join(problems))
+
+
 class _Source:
     """One shard folder's split: record lookup and its packing rules."""
 
-    def __init__(self, folder: Path, split: str, verify_checksums: bool):
-        problems = verify_folder(folder, full=verify_checksums, leftovers=False, split=split)
-        if problems:
-            raise ShardError(f"{folder}: " + "; ".join(problems))
+    def __init__(self, folder: Path, split: str, verify_checksums: bool, verify: bool = True):
+        if verify:
+            check_folder(folder, split, verify_checksums)
         self.folder = folder
         self.manifest = load_manifest(folder)
         self.hash = manifest_hash(folder)
@@ -89,6 +96,7 @@ class PackedDataset:
         shuffle: bool = True,
         loop: bool = True,
         verify_checksums: bool = False,
+        verify: bool = True,
     ):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
@@ -103,7 +111,7 @@ class PackedDataset:
             raise ValueError(f"records_per_row must be >= 0, got {records_per_row}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.sources = [_Source(Path(p), split, verify_checksums) for p in paths]
+        self.sources = [_Source(Path(p), split, verify_checksums, verify) for p in paths]
         hashes = {s.manifest["tokenizer"]["hash"] for s in self.sources}
         if len(hashes) > 1:
             raise ShardError(f"shard folders {paths} were made with different tokenizers")

@@ -140,6 +140,26 @@ class StepResult:
     """Seconds the step waited for its batches (0 when they were packed ahead in time)."""
 
 
+def check_data_once(cfg: TrainConfig) -> None:
+    """Rank 0 runs the shard folders' start-up checks (both splits) for every rank, which then
+    build their datasets without repeating them; all ranks raise the same one-line error."""
+    from data_pipeline.dataset import check_folder
+    from data_pipeline.shards import ShardError
+
+    error = None
+    if get_rank() == 0:
+        try:
+            for p in cfg.data.paths:
+                for split in ("train", "val"):
+                    full = cfg.data.verify_checksums and split == "train"
+                    check_folder(resolve_path(p), split, full)
+        except (ShardError, OSError) as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error is not None:
+        raise ShardError(error)
+
+
 def _dataset(cfg: TrainConfig, split: str, seed: int):
     from data_pipeline.dataset import PackedDataset
 
@@ -161,7 +181,7 @@ def _dataset(cfg: TrainConfig, split: str, seed: int):
         readout=cfg.jepa.readout,
         shuffle=split == "train",
         loop=True,
-        verify_checksums=d.verify_checksums and split == "train",
+        verify=False,  # check_data_once did, on rank 0
     )
 
 
@@ -204,6 +224,9 @@ def _setup(cfg: TrainConfig) -> Run:
     for warning in setup_warnings(cfg, ds_config):  # every rank: the launcher log shows one
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     run_dir = Path(cfg.run_dir)
+    if not cfg.data.paths:
+        raise ValueError("data.paths is empty: give the shard folders (data.paths=[dir1,dir2])")
+    check_data_once(cfg)
     train_ds = _dataset(cfg, "train", cfg.seed)
     val_ds = _dataset(cfg, "val", cfg.seed)
     val_start = train_ds.merge_states(all_gather_object(val_ds.state_dict()))

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,35 @@ def test_an_unfit_dataset_stops_training_with_one_line(tokenizer_dir, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {shards}: no train record fits a row of 16 tokens"), last
     assert "Traceback" not in proc.stderr
+
+
+def test_start_up_checks_run_once_for_all_ranks(bundled_shards, monkeypatch):
+    """The trainer checks the folders on rank 0 (pretrain.trainer.check_data_once) and builds
+    every rank's datasets with verify=False: those read no index in full."""
+    import data_pipeline.dataset as dataset_module
+
+    calls = []
+    real = dataset_module.verify_folder
+    monkeypatch.setattr(dataset_module, "verify_folder",
+                        lambda *a, **kw: calls.append(a) or real(*a, **kw))  # fmt: skip
+    make(bundled_shards, rank=1, world_size=2, verify=False)
+    assert calls == []
+    make(bundled_shards)
+    assert len(calls) == 1
+
+
+def test_check_data_once_raises_one_line_naming_the_folder(bundled_shards, tmp_path):
+    from pretrain.config import load_config
+    from pretrain.trainer import check_data_once
+
+    folder = tmp_path / "c"
+    shutil.copytree(bundled_shards, folder)
+    victim = folder / "shards" / "00000.val.idx"
+    victim.write_bytes(victim.read_bytes()[:-4])
+    cfg = load_config(str(Path(__file__).parents[1] / "recipes" / "tiny_cpu.yaml"),
+                      [f"data.paths=[{folder}]"])  # fmt: skip
+    with pytest.raises(ShardError, match=r"00000\.val\.idx"):
+        check_data_once(cfg)  # the val split is checked too
+    sound = load_config(str(Path(__file__).parents[1] / "recipes" / "tiny_cpu.yaml"),
+                        [f"data.paths=[{bundled_shards}]"])  # fmt: skip
+    check_data_once(sound)  # no error
