@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import zlib
+from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -155,8 +158,28 @@ def read_header(
     return version, code, a, b, size
 
 
+# Open shards (two memory maps, two file descriptors each) per process, whatever the number of
+# shards: the least recently read is closed when one more opens (it reopens when read again).
+MAX_OPEN_READERS = 64
+_open_readers: OrderedDict[int, ShardReader] = OrderedDict()
+_open_lock = threading.Lock()  # the prefetch thread and evaluation read concurrently
+
+
+def open_readers() -> int:
+    """Shards whose maps are open in this process (at most MAX_OPEN_READERS)."""
+    return len(_open_readers)
+
+
+class _Maps(NamedTuple):
+    tokens: np.ndarray  # (n_tokens,)
+    offsets: np.ndarray  # (n_records,) <u8
+    lengths: np.ndarray  # (n_records, n_views) <u4
+    crcs: np.ndarray | None  # (n_records,) <u4, index format 2
+
+
 class ShardReader:
-    """Read-only view of one shard. Memory maps are opened lazily, so instances pickle cheaply.
+    """Read-only view of one shard. Memory maps are opened lazily, so instances pickle cheaply,
+    and at most MAX_OPEN_READERS shards hold them at a time (least recently read closed first).
     Opening reads the headers only; `check_index` reads the whole index, `record` one record.
 
     vocab_size: token ids must lie below it; checked at open against the index's largest id
@@ -204,14 +227,34 @@ class ShardReader:
                 f"{self.prefix}.idx: token ids up to {self.max_token_id}, but the vocabulary has "
                 f"{vocab_size} tokens: written with another tokenizer, or corrupt"
             )
-        self._tokens = self._offsets = self._lengths = self._crcs = None
+        self._open_maps: _Maps | None = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_tokens": None, "_offsets": None, "_lengths": None, "_crcs": None}
+        return {**self.__dict__, "_open_maps": None}
 
-    def _open(self) -> None:
+    def _maps(self) -> _Maps:
+        """The maps, opened if needed; marks this shard the most recently read and closes the
+        least recently read one beyond MAX_OPEN_READERS. A caller's references keep a closed
+        shard's maps alive until it lets go of them."""
+        with _open_lock:
+            maps = self._open_maps
+            if maps is None:
+                maps = self._open_maps = self._map_files()
+            _open_readers[id(self)] = self
+            _open_readers.move_to_end(id(self))
+            while len(_open_readers) > MAX_OPEN_READERS:
+                _, oldest = _open_readers.popitem(last=False)
+                oldest._open_maps = None  # the last reference: the maps and their files close
+        return maps
+
+    def close(self) -> None:
+        with _open_lock:
+            _open_readers.pop(id(self), None)
+            self._open_maps = None
+
+    def _map_files(self) -> _Maps:
         # Plain ndarray views of the maps: slicing an np.memmap costs ~3 µs more per slice.
-        self._tokens = np.asarray(np.memmap(
+        tokens = np.asarray(np.memmap(
             f"{self.prefix}.bin", dtype=self.dtype, mode="r", offset=HEADER_BYTES,
             shape=(self.n_tokens,),
         ))  # fmt: skip
@@ -220,18 +263,15 @@ class ShardReader:
             offset=IDX_HEADER_BYTES[self.index_version],
         ))  # fmt: skip
         off_bytes, len_bytes = self.n_records * 8, self.n_records * 4 * self.n_views
-        self._offsets = idx[:off_bytes].view("<u8")
-        self._lengths = idx[off_bytes : off_bytes + len_bytes].view("<u4")
-        self._lengths = self._lengths.reshape(self.n_records, self.n_views)
-        if self.has_checksums:
-            self._crcs = idx[off_bytes + len_bytes :].view("<u4")
+        lengths = idx[off_bytes : off_bytes + len_bytes].view("<u4")
+        crcs = idx[off_bytes + len_bytes :].view("<u4") if self.has_checksums else None
+        return _Maps(tokens, idx[:off_bytes].view("<u8"),
+                     lengths.reshape(self.n_records, self.n_views), crcs)  # fmt: skip
 
     @property
     def view_lengths(self) -> np.ndarray:
         """(n_records, n_views) uint32."""
-        if self._lengths is None:
-            self._open()
-        return self._lengths
+        return self._maps().lengths
 
     def __len__(self) -> int:
         return self.n_records
@@ -243,8 +283,9 @@ class ShardReader:
         Returns the tokens per view, summed over the records."""
         view_tokens = [0] * self.n_views
         end = 0
+        maps = self._maps()
         for lo in range(0, self.n_records, chunk_records):
-            lengths = self.view_lengths[lo : lo + chunk_records]
+            lengths = maps.lengths[lo : lo + chunk_records]
             # Column by column: numpy's sum over a short last axis is ~10x slower.
             sizes = lengths[:, 0].astype(np.uint64)
             for j in range(1, self.n_views):
@@ -252,10 +293,10 @@ class ShardReader:
             starts = np.cumsum(sizes)
             starts -= sizes
             starts += np.uint64(end)  # where each record must start
-            bad = np.flatnonzero(self._offsets[lo : lo + chunk_records] != starts)
+            bad = np.flatnonzero(maps.offsets[lo : lo + chunk_records] != starts)
             if bad.size:
                 i = int(bad[0])
-                start = int(self._offsets[lo + i])
+                start = int(maps.offsets[lo + i])
                 stop = start + int(sizes[i])
                 if stop > self.n_tokens:
                     raise ShardError(self._past_end(lo + i, start, stop))
@@ -283,15 +324,14 @@ class ShardReader:
         """The views of record i, each a 1-D int64 array. Its bytes are checked against the
         record's CRC32 (index format 2; one crc32 over the bytes read anyway), or its ids against
         the vocabulary (format 1)."""
-        if self._tokens is None:
-            self._open()
-        start, lengths = int(self._offsets[i]), self._lengths[i].tolist()
+        maps = self._maps()
+        start, lengths = int(maps.offsets[i]), maps.lengths[i].tolist()
         end = start + sum(lengths)
         if end > self.n_tokens:  # check_index rules this out for the whole shard at start
             raise ShardError(self._past_end(i, start, end))
-        tokens = self._tokens[start:end]
-        if self._crcs is not None:
-            if zlib.crc32(tokens) != self._crcs[i]:
+        tokens = maps.tokens[start:end]
+        if maps.crcs is not None:
+            if zlib.crc32(tokens) != maps.crcs[i]:
                 raise ShardError(
                     f"{self.prefix}.bin: record {i} (tokens {start}..{end}) does not match its "
                     f"CRC32 in {self.prefix}.idx: the file changed or is corrupt"

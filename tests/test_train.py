@@ -258,3 +258,30 @@ def test_a_jepa_run_whose_rows_hold_no_pairs_says_so(tokenizer_dir, tmp_path):
     )
     assert all("loss/jepa" not in r for r in rows)
     assert 0 < rows[-1]["data/non_padding_share"] <= 1.0
+
+
+def test_thousands_of_shards_under_a_low_open_file_limit(tokenizer_dir, tmp_path):
+    """5,000+ shard files, `ulimit -n 256`: every shard maps two files, so before the LRU of open
+    shards (data_pipeline/shards.py, MAX_OPEN_READERS) the run died with `[Errno 24] Too many
+    open files`."""
+    import resource
+
+    from data_pipeline.preprocess import preprocess
+
+    lines = (REPO / "data" / "nlrx_synth" / "train.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "in.jsonl").write_text("".join(lines[:5200]))
+    shards = tmp_path / "many"
+    preprocess(str(tmp_path / "in.jsonl"), "messages", str(tokenizer_dir), str(shards),
+               num_workers=2, shard_bytes=420, val_fraction=0.05, progress=False)  # fmt: skip
+    assert len(list((shards / "shards").glob("*.bin"))) >= 5000
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    over = tiny_overrides(shards, tmp_path / "run", **{"schedule.train_steps": 12,
+                                                         "logging.eval_every_steps": 6})  # fmt: skip
+    cmd = launch_command(over, 1, "python", free_port())
+    proc = subprocess.run(cmd, cwd=REPO, env=engine_env(), capture_output=True, text=True,
+                          timeout=300, preexec_fn=low_limit)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 11
