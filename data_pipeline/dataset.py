@@ -1,9 +1,11 @@
 """The dataset the engine consumes: shard folders → blended, shuffled, rank-split, packed rows.
 
 Order. An epoch is a list of sample ids over all sources: source i contributes n_i samples
-(its record count, or weight_i · total when weights are given: a source is then subsampled or
-repeated), drawn from a per-epoch permutation of its records; the list is shuffled with
-(seed, epoch). Rank r of W takes every W-th entry from r.
+(its record count; with weights, as many records as give it weight_i / Σ weights of the
+epoch's tokens (blend_by="tokens", as Megatron and OLMo-core blend) or of its records
+(blend_by="records"): a source is then subsampled or repeated), drawn from a per-epoch
+permutation of its records; the list is shuffled with (seed, epoch). Rank r of W takes every
+W-th entry from r.
 
 Resume. A rank's position is (epoch, cursor into its part). `merge_states` combines all ranks'
 positions into one state that `load_state_dict` continues exactly at the same world size. At
@@ -47,7 +49,7 @@ class _Source:
     def __init__(self, folder: Path, split: str, verify_checksums: bool, verify: bool = True):
         if verify:
             check_folder(folder, split, verify_checksums)
-        self.folder = folder
+        self.folder, self.split = folder, split
         self.manifest = load_manifest(folder)
         self.hash = manifest_hash(folder)
         if split not in self.manifest["splits"]:
@@ -72,6 +74,11 @@ class _Source:
     def __len__(self) -> int:
         return int(self.bounds[-1])
 
+    @property
+    def tokens(self) -> int:
+        """View tokens of this split's records (the manifest's count)."""
+        return int(self.manifest["splits"][self.split]["tokens"])
+
     def record(self, i: int) -> list[np.ndarray]:
         shard = int(np.searchsorted(self.bounds, i, side="right")) - 1
         return self.readers[shard].record(i - int(self.bounds[shard]))
@@ -86,6 +93,7 @@ class PackedDataset:
         predictor_tokens: int = 1,
         pairs: packing.PairMode = "first",
         weights: Sequence[float] | None = None,
+        blend_by: str = "tokens",
         split: str = "train",
         seed: int = 0,
         rank: int = 0,
@@ -144,6 +152,9 @@ class PackedDataset:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.loop = shuffle, loop
         self.weights = None if weights is None else [float(w) for w in weights]
+        if blend_by not in ("tokens", "records"):
+            raise ValueError(f"blend_by must be 'tokens' or 'records', got {blend_by!r}")
+        self.blend_by = blend_by
         self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
         if self.offsets[-1] == 0:
             raise ShardError(f"{paths}: split {split!r} holds no records")
@@ -157,11 +168,7 @@ class PackedDataset:
     def epoch_order(self, epoch: int) -> np.ndarray:
         """All sample ids of one epoch, in global order (before the split among ranks)."""
         sizes = [len(s) for s in self.sources]
-        if self.weights is None:
-            counts = sizes
-        else:
-            total, wsum = sum(sizes), sum(self.weights)
-            counts = [int(round(w / wsum * total)) if n else 0 for w, n in zip(self.weights, sizes)]
+        counts = sizes if self.weights is None else self.blend_counts()
         parts = []
         for i, (n, count) in enumerate(zip(sizes, counts)):
             reps = -(-count // n) if n else 0
@@ -177,6 +184,20 @@ class PackedDataset:
         if self.shuffle:
             order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
         return order
+
+    def blend_counts(self) -> list[int]:
+        """Records each source contributes to an epoch under self.weights: weight_i / Σ weights
+        of the epoch's tokens (or records), the epoch holding as many tokens (records) as all
+        sources together. Tokens are the manifest's view tokens of this split."""
+        wsum = sum(self.weights)
+        sizes = [len(s) for s in self.sources]
+        if self.blend_by == "records":
+            total = sum(sizes)
+            return [round(w / wsum * total) if n else 0 for w, n in zip(self.weights, sizes)]
+        tokens = [s.tokens for s in self.sources]
+        total = sum(tokens)
+        return [round(w / wsum * total * n / t) if n and t else 0
+                for w, n, t in zip(self.weights, sizes, tokens)]  # fmt: skip
 
     def _set_position(self, epoch: int, layers: list[dict], cursor: int) -> None:
         remaining = self.epoch_order(epoch)

@@ -27,7 +27,10 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     """Shard folders written by data_pipeline.preprocess (each holds a manifest.json)."""
     weights: list[float] | None = None
-    """Sampling weight per folder in `paths`; None = proportional to size."""
+    """Share of each folder in `paths`; None = proportional to size."""
+    blend_by: Literal["tokens", "records"] = "tokens"
+    """What data.weights are shares of: tokens (as Megatron and OLMo-core blend; sources of long
+    documents get no more than their weight) or records."""
     seq_len_tokens: int = 1024
     """Length of a packed row in tokens."""
     micro_batch_rows: int = 8

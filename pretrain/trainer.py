@@ -172,6 +172,7 @@ def _dataset(cfg: TrainConfig, split: str, seed: int):
         predictor_tokens=cfg.jepa.predictor_tokens,
         pairs=d.pairs,
         weights=d.weights,
+        blend_by=d.blend_by,
         split=split,
         seed=seed,
         rank=get_rank(),

@@ -216,3 +216,33 @@ def test_check_data_once_raises_one_line_naming_the_folder(bundled_shards, tmp_p
     sound = load_config(str(Path(__file__).parents[1] / "recipes" / "tiny_cpu.yaml"),
                         [f"data.paths=[{bundled_shards}]"])  # fmt: skip
     check_data_once(sound)  # no error
+
+
+def test_weights_are_token_shares(tokenizer_dir, tmp_path):
+    """Two sources, records of ~4 and ~60 tokens, weights 1:3. Blending by tokens (the default)
+    gives each source its weight's share of the epoch's tokens (within 1%); by records it gives
+    the share of records, so the long source takes far more than its weight of the tokens."""
+    from data_pipeline.preprocess import preprocess
+
+    folders = []
+    for name, words in (("short", 3), ("long", 45)):
+        jsonl = tmp_path / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": " ".join(["match"] * words + [str(i)])}) + "\n"
+                                 for i in range(300)))  # fmt: skip
+        preprocess(str(jsonl), "text", str(tokenizer_dir), str(tmp_path / name), num_workers=1,
+                   val_fraction=0.0, progress=False)  # fmt: skip
+        folders.append(tmp_path / name)
+
+    def token_shares(blend_by: str) -> list[float]:
+        ds = PackedDataset(folders, seq_len=256, predictor_tokens=0, weights=[1, 3],
+                           blend_by=blend_by, seed=3)  # fmt: skip
+        tokens = [0, 0]
+        for sid in ds.epoch_order(0).tolist():
+            src, views = ds.record(sid)
+            tokens[src] += sum(len(v) for v in views)
+        return [t / sum(tokens) for t in tokens]
+
+    by_tokens = token_shares("tokens")
+    assert abs(by_tokens[0] - 0.25) < 0.01 and abs(by_tokens[1] - 0.75) < 0.01, by_tokens
+    by_records = token_shares("records")
+    assert by_records[1] > 0.95, by_records  # 3 long records per short one
