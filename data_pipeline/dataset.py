@@ -100,6 +100,7 @@ class PackedDataset:
         world_size: int = 1,
         overlong: packing.OverlongPolicy = "truncate",
         records_per_row: int = 0,
+        packing_window: int = 16,
         readout: str = "shared",
         shuffle: bool = True,
         loop: bool = True,
@@ -117,6 +118,8 @@ class PackedDataset:
             )
         if records_per_row < 0:
             raise ValueError(f"records_per_row must be >= 0, got {records_per_row}")
+        if packing_window < 0:
+            raise ValueError(f"packing_window must be >= 0, got {packing_window}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.sources = [_Source(Path(p), split, verify_checksums, verify) for p in paths]
@@ -149,6 +152,12 @@ class PackedDataset:
         ]
         self.seq_len = seq_len
         self.records_per_row = records_per_row
+        # Best-fit packing over a window of `packing_window` rows' worth of records (0, or a
+        # fixed records_per_row: in order).
+        self.packing_window = 0 if records_per_row else packing_window
+        self._rows: list[list[tuple[int, packing.RecordLayout]]] = []  # packed, not yet emitted
+        self._rows_mode: bool | None = None  # the with_jepa they were laid out for
+        self._carry: list[int] = []  # records of a window's emptiest row, packed with the next
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.loop = shuffle, loop
         self.weights = None if weights is None else [float(w) for w in weights]
@@ -217,6 +226,65 @@ class PackedDataset:
         return src, self.sources[src].record(int(sample_id - self.offsets[src]))
 
     def _next_row(self, with_jepa: bool) -> dict[str, np.ndarray] | None:
+        if not self.packing_window:
+            return self._next_row_in_order(with_jepa)
+        if not self._rows or self._rows_mode != with_jepa:
+            self._pack_window(with_jepa)
+        if not self._rows:
+            return None
+        items = self._rows.pop(0)
+        row = packing.assemble_row([lay for _, lay in items], [sid for sid, _ in items],
+                                   self._configs[0])  # fmt: skip
+        self.stats.rows += 1
+        self.stats.tokens += sum(len(lay) for _, lay in items)
+        self.stats.jepa_pairs += len(row["pred_index"])
+        return row
+
+    def _pack_window(self, with_jepa: bool) -> None:
+        """Best-fit packing: the records of the unemitted rows (laid out again if with_jepa
+        changed), those carried over from the last window, and new ones from the stream, until
+        they hold packing_window rows' worth of tokens; each goes into the row it fills best (the
+        longest first); rows come out in the order they were opened. The emptiest row is carried
+        over to the next window while the epoch has records left. A window does not cross an
+        epoch's end."""
+        sids = self._carry + [sid for items in self._rows for sid, _ in items]
+        self._carry = []
+        items = [(sid, self._layout(sid, with_jepa)) for sid in sids]
+        budget = self.packing_window * self.seq_len - sum(len(lay) for _, lay in items)
+        while budget > 0:
+            if self._cursor >= len(self._part):
+                if items or not self.loop:
+                    break
+                self._set_position(self.epoch + 1, [], 0)
+                continue
+            sid = int(self._part[self._cursor])
+            src, views = self.record(sid)
+            fit = packing.PackStats(seq_len=self.seq_len)
+            layout = packing.fit_record(views, self._configs[src], with_jepa, fit)
+            self._count_fit(fit)  # counted once, when the record leaves the stream
+            self._cursor += 1
+            self.stats.records += 1
+            if layout is None:  # skipped by the overlong policy (counted in stats)
+                self._skipped_in_a_row += 1
+                self._check_progress()
+                continue
+            self._skipped_in_a_row = 0
+            items.append((sid, layout))
+            budget -= len(layout)
+        more = self._cursor < len(self._part)  # this epoch has records left for the next window
+        rows, held = packing.best_fit_window(items, self.seq_len, hold_back=more)
+        self._carry = [sid for sid, _ in held]
+        self._rows, self._rows_mode = rows, with_jepa
+
+    def _layout(self, sid: int, with_jepa: bool) -> packing.RecordLayout:
+        """A pending record laid out again (its fit was counted when it was first read)."""
+        src, views = self.record(sid)
+        scratch = packing.PackStats(seq_len=self.seq_len)
+        layout = packing.fit_record(views, self._configs[src], with_jepa, scratch)
+        assert layout is not None  # the overlong policy does not depend on with_jepa
+        return layout
+
+    def _next_row_in_order(self, with_jepa: bool) -> dict[str, np.ndarray] | None:
         layouts, ids, used = [], [], 0
         while not (self.records_per_row and len(layouts) == self.records_per_row):
             if self._cursor >= len(self._part):
@@ -293,6 +361,8 @@ class PackedDataset:
             "version": STATE_VERSION, "seed": self.seed, "manifest_hash": self.manifest_hash,
             "world_size": self.world_size, "rank": self.rank, "epoch": self.epoch,
             "layers": self._layers, "cursor": self._cursor, "part_len": len(self._part),
+            "rows": [[sid for sid, _ in items] for items in self._rows],
+            "rows_mode": self._rows_mode, "carry": list(self._carry),
         }  # fmt: skip
 
     @staticmethod
@@ -303,7 +373,7 @@ class PackedDataset:
             s["world_size"] != w for s in states
         ):
             raise ValueError(f"merge_states needs one state per rank of world size {w}")
-        keep = ("epoch", "layers", "cursor", "part_len")
+        keep = ("epoch", "layers", "cursor", "part_len", "rows", "rows_mode", "carry")
         return {
             "version": STATE_VERSION, "seed": states[0]["seed"],
             "manifest_hash": states[0]["manifest_hash"], "world_size": w,
@@ -321,9 +391,22 @@ class PackedDataset:
         if state["world_size"] == self.world_size:
             mine = ranks[self.rank]
             self._set_position(mine["epoch"], mine["layers"], mine["cursor"])
+            # Packed rows not yet emitted, rebuilt as they were: bit-exact continuation.
+            mode = mine.get("rows_mode")
+            self._rows = [[(sid, self._layout(sid, mode)) for sid in row]
+                          for row in mine.get("rows", [])]  # fmt: skip
+            self._rows_mode, self._carry = mode, list(mine.get("carry", []))
             return
         epoch = min(r["epoch"] for r in ranks)
         behind = next(r for r in ranks if r["epoch"] == epoch)
         cursors = [r["cursor"] if r["epoch"] == epoch else r["part_len"] for r in ranks]
         layer = {"world_size": state["world_size"], "cursors": cursors}
         self._set_position(epoch, [*behind["layers"], layer], 0)
+        # Records the old ranks had read but not emitted (this epoch's only: a rank already in
+        # the next one sees those again there) are shared out among the new ranks, once each.
+        pending = [sid for r in ranks if r["epoch"] == epoch
+                   for sid in [*r.get("carry", []), *(s for row in r.get("rows", []) for s in row)]]  # fmt: skip
+        mine = pending[self.rank :: self.world_size]
+        mode = bool(behind.get("rows_mode"))
+        self._rows = [[(sid, self._layout(sid, mode))] for sid in mine]  # re-packed when read
+        self._rows_mode = None if mine else mode

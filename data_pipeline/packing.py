@@ -293,6 +293,61 @@ def pack_rows(
     return rows, stats
 
 
+def best_fit(
+    items: Sequence[tuple[int, RecordLayout]], seq_len: int
+) -> list[list[tuple[int, RecordLayout]]]:
+    """Best-fit decreasing: each (sample id, layout), the longest first (ties in the given order),
+    goes into the open row it leaves the least room in, or opens a new row. Deterministic. Rows
+    in the order they were opened, each row's records in the order they were placed."""
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i][1]), i))
+    rows: list[list[tuple[int, RecordLayout]]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(items[i][1])
+        best = -1
+        for r, room in enumerate(free):
+            if n <= room and (best < 0 or room < free[best]):
+                best = r
+        if best < 0:
+            rows.append([])
+            free.append(seq_len)
+            best = len(rows) - 1
+        rows[best].append(items[i])
+        free[best] -= n
+    return rows
+
+
+def best_fit_window(
+    items: Sequence[tuple[int, RecordLayout]], seq_len: int, hold_back: bool
+) -> tuple[list[list[tuple[int, RecordLayout]]], list[tuple[int, RecordLayout]]]:
+    """(rows, held back): best_fit of a window of records; with hold_back (more records will
+    follow) and more than one row, the emptiest row's records are held back, to be packed with
+    the next window's, rather than emitted padded."""
+    rows = best_fit(items, seq_len)
+    if not hold_back or len(rows) < 2:
+        return rows, []
+    emptiest = min(range(len(rows)), key=lambda r: sum(len(lay) for _, lay in rows[r]))
+    return rows, rows.pop(emptiest)
+
+
+def pack_best_fit(
+    items: Sequence[tuple[int, RecordLayout]], seq_len: int, window_rows: int
+) -> list[list[tuple[int, RecordLayout]]]:
+    """All (sample id, layout) items in rows, window by window as the dataset packs them: each
+    window holds window_rows rows' worth of tokens (the held-back records of the last one
+    first), packed by best_fit_window."""
+    rows, held, i = [], [], 0
+    while i < len(items) or held:
+        window, budget = list(held), window_rows * seq_len - sum(len(lay) for _, lay in held)
+        while i < len(items) and budget > 0:
+            window.append(items[i])
+            budget -= len(items[i][1])
+            i += 1
+        done, held = best_fit_window(window, seq_len, hold_back=i < len(items))
+        rows.extend(done)
+    return rows
+
+
 def attention_allowed(row: dict[str, np.ndarray]) -> np.ndarray:
     """(T, T) bool: may query q attend to key k. Reference definition, used by tests and the
     dense CPU mask: same segment and causal, or inside the query's extra key range. Padding

@@ -44,6 +44,10 @@ class DataConfig:
     """JEPA pairs of a multi-view record: 0→1; i→i+1 (paraphrase chains); 0→every other view."""
     overlong: Literal["truncate", "skip"] = "truncate"
     """A record whose LM document exceeds a row: truncate it or skip it."""
+    packing_window: int = 16
+    """Best-fit packing: records are placed, the longest first, into the row they fill best,
+    over windows of this many rows' worth of tokens (the emptiest row's records wait for the
+    next window); 0 = in order, a record that does not fit closing its row."""
     records_per_row: int = 0
     """At most this many records per row; 0 = fill the row. A fixed count gives every JEPA
     setting the same LM data per step (paired experiments), given seq_len_tokens fits them."""
@@ -56,6 +60,7 @@ class DataConfig:
         _check(self.seq_len_tokens >= 8, "data.seq_len_tokens", ">= 8", self.seq_len_tokens)
         _check(self.micro_batch_rows >= 1, "data.micro_batch_rows", ">= 1", self.micro_batch_rows)
         _check(self.records_per_row >= 0, "data.records_per_row", ">= 0", self.records_per_row)
+        _check(self.packing_window >= 0, "data.packing_window", ">= 0", self.packing_window)
         _check(self.prefetch_steps >= 0, "data.prefetch_steps", ">= 0", self.prefetch_steps)
         _check(self.grad_accum_steps >= 1, "data.grad_accum_steps", ">= 1", self.grad_accum_steps)
         _check(

@@ -179,6 +179,7 @@ def _dataset(cfg: TrainConfig, split: str, seed: int):
         world_size=get_world_size(),
         overlong=d.overlong,
         records_per_row=d.records_per_row,
+        packing_window=d.packing_window,
         readout=cfg.jepa.readout,
         shuffle=split == "train",
         loop=True,
