@@ -19,8 +19,9 @@ from pathlib import Path
 from data_pipeline.tokenizer import lone_surrogate
 
 SKIP_REASONS = ("bad_json", "bad_utf8", "lone_surrogate", "bad_record", "missing_view",
-                "empty_view", "too_long", "truncated_gzip", "bad_gzip")  # fmt: skip
-FILE_REASONS = ("truncated_gzip", "bad_gzip")
+                "empty_view", "too_long", "truncated_gzip", "bad_gzip", "truncated_zstd",
+                "bad_zstd")  # fmt: skip
+FILE_REASONS = ("truncated_gzip", "bad_gzip", "truncated_zstd", "bad_zstd")
 _SCAN_BLOCK = 1 << 24  # 16 MiB reads while planning JSONL splits
 
 
@@ -56,12 +57,15 @@ def input_kind(path: Path) -> str:
         raise InputError(f"{path}: a folder but not a `datasets` save_to_disk folder")
     if name.endswith((".jsonl.gz", ".json.gz")):
         return "jsonl_gz"
+    if name.endswith((".jsonl.zst", ".json.zst")):
+        return "jsonl_zst"
     if name.endswith((".jsonl", ".json")):
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
     raise InputError(
-        f"{path}: unknown input format (expected .jsonl, .jsonl.gz, .parquet or a datasets folder)"
+        f"{path}: unknown input format (expected .jsonl, .jsonl.gz, .jsonl.zst, .parquet or a "
+        "datasets folder)"
     )
 
 
@@ -105,7 +109,7 @@ def plan_units(paths: list[Path], shard_bytes: int) -> list[Unit]:
         kind = input_kind(path)
         if kind == "jsonl":
             units.extend(_plan_jsonl(path, shard_bytes))
-        elif kind == "jsonl_gz":  # gzip cannot seek: one unit per file
+        elif kind in ("jsonl_gz", "jsonl_zst"):  # a compressed stream: one unit per file
             units.append(Unit(str(path), kind, 0, path.stat().st_size))
         elif kind == "parquet":
             units.extend(_plan_parquet(path, shard_bytes))
@@ -180,6 +184,8 @@ def _plan_hf_disk(path: Path, shard_bytes: int) -> list[Unit]:
 def iter_unit(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
     if unit.kind in ("jsonl", "jsonl_gz"):
         yield from _iter_jsonl(unit)
+    elif unit.kind == "jsonl_zst":
+        yield from _iter_jsonl_zst(unit)
     elif unit.kind == "parquet":
         yield from _iter_parquet(unit)
     else:
@@ -220,6 +226,54 @@ def _iter_jsonl(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
             if raw.strip():  # blank lines are not records
                 yield f"{unit.path}:{line_no}", _parse_json_line(raw)
             line_no += 1
+
+
+def _iter_jsonl_zst(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+    """A zstd-compressed JSONL file (Dolma, The Pile), streamed: its frames one after the other.
+    The lines before damage stay; the rest of the file is one counted skip."""
+    import zstandard
+
+    line_no, pending = unit.first_line, b""
+    try:
+        for chunk in _zstd_chunks(unit.path, zstandard):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for raw in lines:
+                if raw.strip():
+                    yield f"{unit.path}:{line_no}", _parse_json_line(raw)
+                line_no += 1
+    except EOFError:
+        yield (
+            f"{unit.path}:{line_no}",
+            SkipRecord(
+                "truncated_zstd", "compressed data ends early (file cut short); the rest is lost"
+            ),
+        )
+        return
+    except zstandard.ZstdError as e:
+        yield f"{unit.path}:{line_no}", SkipRecord("bad_zstd", f"{e}; the rest of the file is lost")
+        return
+    if pending.strip():  # a last line without its newline
+        yield f"{unit.path}:{line_no}", _parse_json_line(pending)
+
+
+def _zstd_chunks(path: str, zstandard) -> Iterator[bytes]:
+    """Decompressed bytes of every frame of `path`, 1 MiB of input at a time. EOFError when the
+    data ends inside a frame (zstandard's stream reader would just stop there)."""
+    dobj, inside = zstandard.ZstdDecompressor().decompressobj(), False
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            while chunk:
+                out = dobj.decompress(chunk)
+                inside = True
+                if out:
+                    yield out
+                if dobj.eof:  # the frame is complete: what follows starts the next one
+                    chunk = dobj.unused_data
+                    dobj, inside = zstandard.ZstdDecompressor().decompressobj(), False
+                else:
+                    chunk = b""
+    if inside:
+        raise EOFError(f"{path}: zstd data ends inside a frame")
 
 
 def _gzip_damage(e: Exception) -> SkipRecord:

@@ -462,3 +462,37 @@ def test_full_disk_for_real_on_a_tiny_filesystem(tmp_path, tokenizer_dir):
     assert {f[11:16] for f in left} == complete and len(left) == 5 * len(complete)
     assert enough["rc"] == 0 and "out/manifest.json" in enough["files"], enough["stderr"]
     assert verify["rc"] == 0 and verify["stdout"].startswith(f"OK {out}: ")
+
+
+def test_zstd_jsonl_streams_every_frame_and_counts_damage(tmp_path, tokenizer_dir):
+    """.jsonl.zst as Dolma and The Pile ship it: a multi-frame file reads whole, the same records
+    as the plain file; a file cut inside a frame keeps the lines before the cut and counts the
+    rest as one truncated_zstd skip (zstandard's own stream reader returns nothing, silently);
+    a file that is not zstd is one bad_zstd skip."""
+    import zstandard
+
+    lines = [json.dumps(chat(f"question {i}", f"answer {i}")) + "\n" for i in range(3000)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(lines))
+    frames = [zstandard.ZstdCompressor().compress("".join(lines[i : i + 700]).encode())
+              for i in range(0, 3000, 700)]  # fmt: skip
+    whole = tmp_path / "a_frames.jsonl.zst"
+    whole.write_bytes(b"".join(frames))
+    cut = tmp_path / "b_cut.jsonl.zst"
+    cut.write_bytes(frames[0] + frames[1][: len(frames[1]) // 2])
+    not_zstd = tmp_path / "c_plain.jsonl.zst"
+    not_zstd.write_text("".join(lines[:10]))
+    args = ["--views", "messages", "--tokenizer", tokenizer_dir, "--val_fraction", "0",
+            "--progress", "False"]  # fmt: skip
+    run_module("data_pipeline.preprocess", "--inputs", str(plain), *args, "--out", tmp_path / "p")
+    run_module("data_pipeline.preprocess", "--inputs", str(whole), *args, "--out", tmp_path / "z")
+    reference = json.loads((tmp_path / "p" / "manifest.json").read_text())["splits"]
+    assert json.loads((tmp_path / "z" / "manifest.json").read_text())["splits"] == reference
+    proc = run_module("data_pipeline.preprocess", "--inputs", f"{cut},{not_zstd}", *args,
+                      "--out", tmp_path / "d", check=False)  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    kept = zstandard.ZstdDecompressor().decompressobj().decompress(frames[0]).count(b"\n")
+    assert kept == 700 and m["written_records"] >= kept  # frame 0 whole, and part of frame 1
+    assert {k: v for k, v in m["skipped"].items() if v} == {"truncated_zstd": 1, "bad_zstd": 1}
+    assert any(e.startswith(f"{cut}:") and "truncated_zstd" in e for e in m["skip_examples"])
