@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import packing
+from data_pipeline.order import EpochOrder, RankPart
 from data_pipeline.shards import ShardError, ShardReader
 from data_pipeline.verify import load_manifest, manifest_hash, verify_folder
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: epoch orders by keyed Feistel permutations (data_pipeline/order.py)
 _WARNED_FORMAT_1: set[Path] = set()  # folders warned about (once per process, not per split)
 
 
@@ -174,25 +175,16 @@ class PackedDataset:
 
     # -- order ---------------------------------------------------------------------------------
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """All sample ids of one epoch, in global order (before the split among ranks)."""
+    def order(self, epoch: int) -> EpochOrder:
+        """The global order of an epoch (before the split among ranks), evaluated on demand."""
         sizes = [len(s) for s in self.sources]
         counts = sizes if self.weights is None else self.blend_counts()
-        parts = []
-        for i, (n, count) in enumerate(zip(sizes, counts)):
-            reps = -(-count // n) if n else 0
-            draws = [
-                np.random.default_rng([self.seed, epoch, i, rep]).permutation(n)
-                if self.shuffle
-                else np.arange(n)
-                for rep in range(reps)
-            ]
-            if draws:
-                parts.append(self.offsets[i] + np.concatenate(draws)[:count])
-        order = np.concatenate(parts).astype(np.int64)
-        if self.shuffle:
-            order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
-        return order
+        return EpochOrder(counts, sizes, self.offsets, self.seed, epoch, self.shuffle)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All sample ids of one epoch, in global order, materialised (tests, small data)."""
+        order = self.order(epoch)
+        return order[np.arange(len(order))]
 
     def blend_counts(self) -> list[int]:
         """Records each source contributes to an epoch under self.weights: weight_i / Σ weights
@@ -209,14 +201,11 @@ class PackedDataset:
                 for w, n, t in zip(self.weights, sizes, tokens)]  # fmt: skip
 
     def _set_position(self, epoch: int, layers: list[dict], cursor: int) -> None:
-        remaining = self.epoch_order(epoch)
-        self._epoch_records = len(remaining)
-        for layer in layers:  # drop what ranks of an earlier world size consumed
-            w, cursors = layer["world_size"], np.asarray(layer["cursors"])
-            idx = np.arange(len(remaining))
-            remaining = remaining[(idx // w) >= cursors[idx % w]]
+        order = self.order(epoch)
+        self._epoch_records = len(order)
+        # Layers drop what ranks of an earlier world size consumed; nothing of size N is built.
         self.epoch, self._layers, self._cursor = epoch, layers, cursor
-        self._part = remaining[self.rank :: self.world_size]
+        self._part = RankPart(order, layers, self.rank, self.world_size)
 
     # -- records and rows ----------------------------------------------------------------------
 
@@ -381,8 +370,15 @@ class PackedDataset:
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION or "ranks" not in state:
+        if "ranks" not in state:
             raise ValueError("load_state_dict expects a state from PackedDataset.merge_states")
+        if state.get("version") != STATE_VERSION:
+            raise DatasetError(
+                f"the data position was saved by data-state version {state.get('version')}, whose "
+                f"epoch orders differ from this version's ({STATE_VERSION}): set "
+                "checkpoint.allow_data_change=true to resume the model with the data order "
+                "restarting at epoch 0"
+            )
         if state["seed"] != self.seed:
             raise ValueError(
                 f"data state was saved with seed {state['seed']}, this dataset uses {self.seed}"

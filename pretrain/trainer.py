@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.dataset import DatasetError
 from data_pipeline.packing import PackStats
 from pretrain import checkpoint as ckpt
 from pretrain import preemption
@@ -256,7 +257,12 @@ def _setup(cfg: TrainConfig) -> Run:
             engine, latest, run.manifest_hash, cfg.checkpoint.allow_data_change
         )
         if state["data_state"] is not None:
-            train_ds.load_state_dict(state["data_state"])
+            try:
+                train_ds.load_state_dict(state["data_state"])
+            except DatasetError as e:  # a data state of an older format
+                if not cfg.checkpoint.allow_data_change:
+                    raise
+                print0(f"WARNING: {e}; the data order restarts at epoch 0")
         run.step, run.skipped_steps = state["step"], state["skipped_steps"]
         run.tokens_seen = state["tokens_seen"]
         run.last_good = latest.name
