@@ -359,7 +359,19 @@ def main(model_dir: str, data: str, out: str = "", **options) -> None:
     print(f"results: {out_path}")
 
 
+def usage() -> str:
+    """--help: the command line and every option of evaluate() with its default."""
+    options = [f"    --{name} (default {param.default!r})"
+               for name, param in inspect.signature(evaluate).parameters.items()
+               if param.default is not inspect.Parameter.empty]  # fmt: skip
+    return ("usage: python -m pretrain.evaluate MODEL_DIR DATA [--out OUT.json] [options]\n\n"
+            + (main.__doc__ or "") + "\n\noptions:\n" + "\n".join(options))  # fmt: skip
+
+
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):  # fire exits 2 after showing help here
+        print(usage())
+        sys.exit(0)
     import fire
 
     fire.Fire(main)

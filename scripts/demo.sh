@@ -31,17 +31,9 @@ rm -rf "$OUT/run"
 
 echo "== 6. export: gather the ZeRO-3 shards into a Hugging Face model + tokenizer"
 $PY -m pretrain.export "$OUT/run" "$OUT/hf_model"
-$PY - "$OUT/hf_model" <<'PYEOF'
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-prompt = "lines containing the string 'dog'"
-ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-ids = __import__("torch").cat([__import__("torch").tensor([[tok.bos_token_id]]), ids], dim=1)
-out = model.generate(ids, max_new_tokens=24, do_sample=False)
-print(f"generate: {prompt!r} -> {tok.decode(out[0, ids.shape[1]:])!r}")
-PYEOF
+echo "== 7. generate as the evaluator prompts ([bos] description [sep] → regex), on 200 test pairs"
+$PY -m pretrain.evaluate "$OUT/hf_model" data/nlrx_synth/test.jsonl --predictor_tokens 1 \
+    --limit 200 --show_examples 3 --progress false --out "$OUT/eval_test.json"
 
 echo
 echo "TensorBoard events: $OUT/run/tensorboard"
