@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from data_pipeline.sources import (
     SKIP_REASONS,
     InputError,
     SkipRecord,
+    Unit,
     ViewSpec,
     expand_inputs,
     iter_unit,
@@ -311,6 +313,65 @@ def _copy_tokenizer(src: Path, out_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+PLAN_LOCK_STALE_S = 120  # a planning task refreshes its lock every PLAN_LOCK_STALE_S / 4
+
+
+def input_sizes(paths: list[Path]) -> list[int]:
+    """Bytes of each input (a datasets folder: of its files): a changed input changes the plan."""
+    return [sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
+            else p.stat().st_size for p in paths]  # fmt: skip
+
+
+def plan_once(out_dir: Path, paths: list[Path], settings: Settings, shard_bytes: int) -> list[Unit]:
+    """The work units, planned by one task for all (planning reads every JSONL input through):
+    the first task to take out_dir/plan.lock plans and publishes plan.json while refreshing the
+    lock; the others wait for plan.json, and take over a lock not refreshed for
+    PLAN_LOCK_STALE_S seconds (its task died). A plan.json made with other settings or inputs is
+    refused (_check_plan)."""
+    head = {"settings": settings.to_dict(), "inputs": [str(p) for p in paths],
+            "input_sizes": input_sizes(paths)}  # fmt: skip
+    lock, plan_path = out_dir / "plan.lock", out_dir / "plan.json"
+    while True:
+        if plan_path.exists():
+            plan = json.loads(plan_path.read_text())
+            known = {k: v for k, v in head.items() if k in plan}  # input_sizes: since 2026-12-01
+            if {k: plan[k] for k in known} == known:
+                return [Unit(**u) for u in plan["units"]]
+            _check_plan(out_dir, {**plan, **known})  # refuses, naming what differs
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if age > PLAN_LOCK_STALE_S:
+                print(f"[preprocess] {lock} not refreshed for {age:.0f} s: its task is gone; "
+                      "planning here", file=sys.stderr)  # fmt: skip
+                lock.unlink(missing_ok=True)
+            else:
+                time.sleep(0.5)
+            continue
+        os.close(fd)
+        stop = threading.Event()
+        beat = threading.Thread(target=_refresh, args=(lock, stop), daemon=True)
+        beat.start()
+        try:
+            if not plan_path.exists():  # another task may have finished just before our lock
+                units = plan_units(paths, shard_bytes)
+                _check_plan(out_dir, {**head, "units": [u.to_dict() for u in units]})
+        finally:
+            stop.set()
+            beat.join()
+            lock.unlink(missing_ok=True)
+
+
+def _refresh(lock: Path, stop: threading.Event) -> None:
+    while not stop.wait(PLAN_LOCK_STALE_S / 4):
+        with contextlib.suppress(OSError):
+            os.utime(lock)
+
+
 def _check_plan(out_dir: Path, plan: dict) -> None:
     """Refuse to mix outputs of different settings in one folder; concurrent tasks agree."""
     path = out_dir / "plan.json"
@@ -387,9 +448,7 @@ def preprocess(
     )  # fmt: skip
     out_dir = Path(out)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-    units = plan_units(paths, shard_bytes)
-    _check_plan(out_dir, {"settings": settings.to_dict(), "inputs": [str(p) for p in paths],
-                          "units": [u.to_dict() for u in units]})  # fmt: skip
+    units = plan_once(out_dir, paths, settings, shard_bytes)
     _copy_tokenizer(tok_dir, out_dir)
 
     mine = [i for i in range(len(units)) if i % shard_count == shard_index]

@@ -496,3 +496,47 @@ def test_zstd_jsonl_streams_every_frame_and_counts_damage(tmp_path, tokenizer_di
     assert kept == 700 and m["written_records"] >= kept  # frame 0 whole, and part of frame 1
     assert {k: v for k, v in m["skipped"].items() if v} == {"truncated_zstd": 1, "bad_zstd": 1}
     assert any(e.startswith(f"{cut}:") and "truncated_zstd" in e for e in m["skip_examples"])
+
+
+# One task of a Slurm array: plan_units is wrapped to log each call and take 1 s, so that the
+# other tasks, started at the same moment, find the planning lock taken.
+ARRAY_TASK = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import data_pipeline.preprocess as pre
+real = pre.plan_units
+def logged(*a, **kw):
+    with open(sys.argv[2], "a") as f:
+        f.write("planned\n")
+    time.sleep(1.0)
+    return real(*a, **kw)
+pre.plan_units = logged
+pre.preprocess(sys.argv[3], "messages", sys.argv[4], sys.argv[5], shard_bytes=200_000,
+               shard_index=int(sys.argv[6]), shard_count=3, progress=False)
+"""
+
+
+def test_an_array_plans_once_for_all_its_tasks(tmp_path, tokenizer_dir):
+    """Before, every task of a preprocessing array read the whole corpus to plan the units."""
+    import subprocess
+
+    log, out = tmp_path / "plans.log", tmp_path / "out"
+    tasks = [subprocess.Popen([sys.executable, "-c", ARRAY_TASK, str(Path(__file__).parents[1]),
+                               str(log), str(BUNDLED / "train.jsonl"), str(tokenizer_dir), str(out),
+                               str(i)], stderr=subprocess.PIPE, text=True) for i in range(3)]  # fmt: skip
+    for t in tasks:
+        _, err = t.communicate(timeout=300)
+        assert t.returncode == 0, err
+    assert log.read_text() == "planned\n"
+    assert not (out / "plan.lock").exists() and (out / "manifest.json").exists()
+    assert verify_folder(out) == []
+    # A lock left by a task that died is taken over once it is stale.
+    os.utime(out / "plan.json", (0, 0))
+    (out / "plan.json").unlink()
+    (out / "plan.lock").touch()
+    os.utime(out / "plan.lock", (1, 1))
+    proc = subprocess.run([sys.executable, "-c", ARRAY_TASK, str(Path(__file__).parents[1]),
+                           str(log), str(BUNDLED / "train.jsonl"), str(tokenizer_dir), str(out), "0"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "its task is gone; planning here" in proc.stderr, proc.stderr
+    assert log.read_text() == "planned\nplanned\n"
