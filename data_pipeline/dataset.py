@@ -240,24 +240,12 @@ class PackedDataset:
         self._carry = []
         items = [(sid, self._layout(sid, with_jepa)) for sid in sids]
         budget = self.packing_window * self.seq_len - sum(len(lay) for _, lay in items)
-        while budget > 0:
-            if self._cursor >= len(self._part):
-                if items or not self.loop:
-                    break
-                self._set_position(self.epoch + 1, [], 0)
+        while budget > 0 and (read := self._read(with_jepa, stop_at_end=bool(items))):
+            sid, layout, fit = read
+            if layout is None:
+                self._skip(fit)
                 continue
-            sid = int(self._part[self._cursor])
-            src, views = self.record(sid)
-            fit = packing.PackStats(seq_len=self.seq_len)
-            layout = packing.fit_record(views, self._configs[src], with_jepa, fit)
-            self._count_fit(fit)  # counted once, when the record leaves the stream
-            self._cursor += 1
-            self.stats.records += 1
-            if layout is None:  # skipped by the overlong policy (counted in stats)
-                self._skipped_in_a_row += 1
-                self._check_progress()
-                continue
-            self._skipped_in_a_row = 0
+            self._take(fit)  # counted once, when the record leaves the stream
             items.append((sid, layout))
             budget -= len(layout)
         more = self._cursor < len(self._part)  # this epoch has records left for the next window
@@ -276,33 +264,19 @@ class PackedDataset:
     def _next_row_in_order(self, with_jepa: bool) -> dict[str, np.ndarray] | None:
         layouts, ids, used = [], [], 0
         while not (self.records_per_row and len(layouts) == self.records_per_row):
-            if self._cursor >= len(self._part):
-                if layouts or not self.loop:
-                    break
-                self._set_position(self.epoch + 1, [], 0)
+            read = self._read(with_jepa, stop_at_end=bool(layouts))
+            if read is None:
+                break
+            sid, layout, fit = read
+            if layout is None:
+                self._skip(fit)
                 continue
-            sid = int(self._part[self._cursor])
-            src, views = self.record(sid)
-            # Counted once the record is placed or skipped: one that opens the next row is
-            # fitted again there.
-            fit = packing.PackStats(seq_len=self.seq_len)
-            layout = packing.fit_record(views, self._configs[src], with_jepa, fit)
-            if layout is None:  # skipped by the overlong policy (counted in stats)
-                self._count_fit(fit)
-                self._cursor += 1
-                self.stats.records += 1
-                self._skipped_in_a_row += 1
-                self._check_progress()
-                continue
-            self._skipped_in_a_row = 0
             if used + len(layout) > self.seq_len:
-                break  # the record opens the next row; the cursor stays on it
-            self._count_fit(fit)
+                break  # the record opens the next row, where it is read again
+            self._take(fit)
             layouts.append(layout)
             ids.append(sid)
             used += len(layout)
-            self._cursor += 1
-            self.stats.records += 1
         if not layouts:
             return None
         row = packing.assemble_row(layouts, ids, self._configs[0])
@@ -310,6 +284,36 @@ class PackedDataset:
         self.stats.tokens += used
         self.stats.jepa_pairs += len(row["pred_index"])
         return row
+
+    def _read(
+        self, with_jepa: bool, stop_at_end: bool
+    ) -> tuple[int, packing.RecordLayout | None, packing.PackStats] | None:
+        """(sample id, layout or None when the overlong policy skips it, its fit statistics) of
+        the record at the cursor, not yet consumed. At the end of the rank's part: None if
+        stop_at_end or the dataset does not loop, else the next epoch begins."""
+        while self._cursor >= len(self._part):
+            if stop_at_end or not self.loop:
+                return None
+            self._set_position(self.epoch + 1, [], 0)
+        sid = int(self._part[self._cursor])
+        src, views = self.record(sid)
+        fit = packing.PackStats(seq_len=self.seq_len)
+        return sid, packing.fit_record(views, self._configs[src], with_jepa, fit), fit
+
+    def _take(self, fit: packing.PackStats) -> None:
+        """Consumes the record at the cursor (placed in a row), counting its fit once."""
+        self._count_fit(fit)
+        self._cursor += 1
+        self.stats.records += 1
+        self._skipped_in_a_row = 0
+
+    def _skip(self, fit: packing.PackStats) -> None:
+        """Consumes the record at the cursor, skipped by the overlong policy (counted)."""
+        self._count_fit(fit)
+        self._cursor += 1
+        self.stats.records += 1
+        self._skipped_in_a_row += 1
+        self._check_progress()
 
     def _count_fit(self, fit: packing.PackStats) -> None:
         self.stats.truncated += fit.truncated
