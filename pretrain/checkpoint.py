@@ -8,7 +8,8 @@
             rng/rank_<r>.pt        python / numpy / torch (/ cuda) RNG states of rank r
 
 `latest` is written only after every rank finished writing, so a crash mid-save leaves the previous
-checkpoint in charge. The last `keep_last` checkpoints are kept.
+checkpoint in charge. The newest `keep_last` checkpoints known to be good are kept, and every
+newer one until its step shows whether it is good (pretrain/health.py).
 """
 
 from __future__ import annotations
@@ -162,10 +163,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     data_state: dict,
     keep_last: int,
-    protect: str | None = None,
+    last_good: str | None = None,
 ) -> Path:
-    """Collective: every rank calls it. `data_state` is this rank's dataset.state_dict().
-    Pruning keeps the newest `keep_last` checkpoints and `protect` (the last known good one)."""
+    """Collective: every rank calls it. `data_state` is this rank's dataset.state_dict(). Then
+    prune(…, last_good): this new checkpoint is not known to be good yet."""
     from data_pipeline.dataset import PackedDataset
 
     root = checkpoint_root(run_dir)
@@ -196,7 +197,7 @@ def save_checkpoint(
     barrier()
     if get_rank() == 0:
         write_latest(root, tag)
-        _prune(root, keep_last, protect)
+        prune(run_dir, keep_last, last_good)
     barrier()
     print0(f"saved checkpoint {path}")
     return path
@@ -246,10 +247,16 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     )
 
 
-def _prune(root: Path, keep_last: int, protect: str | None = None) -> None:
-    for _, p in checkpoints(root)[:-keep_last]:
-        if p.name != protect:
-            shutil.rmtree(p, ignore_errors=True)
+def prune(run_dir: Path, keep_last: int, last_good: str | None) -> None:
+    """Rank 0: deletes the checkpoints known to be good (up to `last_good`) but the newest
+    `keep_last`. Newer ones are kept until their step is judged: a checkpoint saved just before
+    a blow-up must not cost an older good one its place."""
+    if last_good is None:
+        return
+    limit = int(TAG_RE.match(last_good).group(1))
+    good = [p for step, p in checkpoints(checkpoint_root(run_dir)) if step <= limit]
+    for p in good[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def reject_from(run_dir: Path, first_bad_step: int) -> Path | None:

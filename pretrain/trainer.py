@@ -300,7 +300,7 @@ def save(run: Run) -> None:
     data_state = run.inputs.consumed_state if run.inputs else run.train_ds.state_dict()
     ckpt.save_checkpoint(
         run.engine, run.run_dir, run.step, trainer_state(run), data_state,
-        run.cfg.checkpoint.keep_last, protect=run.last_good,
+        run.cfg.checkpoint.keep_last, last_good=run.last_good,
     )  # fmt: skip
     run.unconfirmed.append(run.step)
 
@@ -318,10 +318,18 @@ def review(run: Run) -> bool:
         if why is not None:
             print0(f"step {step}: {why} ({run.watch.streak} bad in a row)")
         elif step in run.unconfirmed:  # the weights saved before this step are good
-            run.last_good = ckpt.tag_of(step)
-            run.unconfirmed = [s for s in run.unconfirmed if s > step]
+            confirm(run, step)
     run.pending.clear()
     return values[0] > 0
+
+
+def confirm(run: Run, step: int) -> None:
+    """The checkpoint saved at `step` holds good weights: it becomes the last good one, and the
+    good ones beyond checkpoint.keep_last go (rank 0)."""
+    run.last_good = ckpt.tag_of(step)
+    run.unconfirmed = [s for s in run.unconfirmed if s > step]
+    if get_rank() == 0:
+        ckpt.prune(run.run_dir, run.cfg.checkpoint.keep_last, run.last_good)
 
 
 def stop_bad(run: Run) -> None:
@@ -550,6 +558,8 @@ def loop(run: Run) -> None:
     latest = ckpt.find_latest(run.run_dir)
     if latest is None or latest.name != ckpt.tag_of(run.step):
         save(run)
+    if run.watch.streak == 0 and run.step in run.unconfirmed:  # the run ended on good steps
+        confirm(run, run.step)
 
 
 def stop_on_request(run: Run) -> None:
