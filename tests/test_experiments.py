@@ -45,6 +45,22 @@ def test_nlrx_quick_runs_end_to_end(tmp_path):
         "pretrain.experiments.nlrx", "--out", out, "--quick", env=engine_env(), timeout=600
     )
     assert again.stdout.count(" s)") == 4 and "(0 s)" in again.stdout
+    # settings are chosen on the validation records: the same runs, scored on valid.jsonl (the
+    # training records the preprocessing split held out), with no run trained again
+    valid = run_module(
+        "pretrain.experiments.nlrx", "--out", out, "--quick", "--split", "valid",
+        env=engine_env(), timeout=600,
+    )  # fmt: skip
+    held = (out / "valid.jsonl").read_text().splitlines()
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert len(held) == manifest["splits"]["val"]["records"] == 168
+    assert "NL-RX-SYNTH valid (100 pairs)" in valid.stdout
+    v = json.loads((out / "summary_valid.json").read_text())
+    assert v["meta"]["split"] == "valid" and set(v["arms"]) == {"lm", "l2_k3"}
+    assert all((out / "runs" / n / "eval_valid.json").exists() for n in ("lm_s82", "l2_k3_s23"))
+    assert sorted(p.name for p in (out / "runs" / "lm_s82" / "checkpoints").glob("step_*")) == [
+        "step_000030"
+    ]
 
 
 def test_grid_variants_name_their_arms_and_overrides():
@@ -56,3 +72,31 @@ def test_grid_variants_name_their_arms_and_overrides():
     assert plain.overrides == () and lm.overrides == ()
     with pytest.raises(RuntimeError, match="unknown variant 'nope'"):
         parse_arms("2:3:nope")
+    _, beta, flop = parse_arms("2:3:sigreg@0.3,lm@1.5")
+    assert beta.name == "l2_k3_sigreg_b0.3" and beta.overrides[-1] == "jepa.regularizer_weight=0.3"
+    assert (flop.name, flop.weight, flop.steps(600), flop.overrides) == ("lm_x1.5", 0, 900, ())
+
+
+def test_finetune_protocol_starts_every_arm_from_one_base(tmp_path):
+    """A base pretrained LM-only on the other corpora, exported, then fine-tuned on NL-RX-SYNTH by
+    both arms from the same weights with the base's tokenizer."""
+    out = tmp_path / "ft"
+    run_module(
+        "pretrain.experiments.finetune", "--out", out, "--grid", "2:3", "--seeds", "82",
+        "--base_steps", "20", "--steps", "20", "--limit", "40", env=engine_env(), timeout=900,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["arms"]) == {"lm", "l2_k3"} and summary["base"]["steps"] == 20
+    assert math.isfinite(summary["base"]["val_loss_lm"])
+    base = json.loads((out / "base" / "config.json").read_text())
+    assert base["jepa"]["objective"] == "none"
+    manifest = json.loads((out / "base_shards" / "manifest.json").read_text())
+    assert [i["path"].rsplit("/", 2)[-2] for i in manifest["inputs"]] == [
+        "rotten_tomatoes", "spider", "nq_open"
+    ]  # fmt: skip
+    for arm in ("lm", "l2_k3"):
+        cfg = json.loads((out / "runs" / f"{arm}_s82" / "config.json").read_text())
+        assert cfg["model"]["init_from"] == str((out / "base" / "hf").resolve())
+        assert cfg["data"]["paths"] == [str((out / "shards").resolve())]
+    shards = json.loads((out / "shards" / "manifest.json").read_text())
+    assert shards["tokenizer"]["hash"] == manifest["tokenizer"]["hash"]

@@ -11,6 +11,13 @@ The paper's pretraining protocol at CPU scale, in one command:
   4. summary.md / summary.json: mean ± std per arm, each JEPA arm's paired difference to `lm` over
      seeds with a one-tailed paired t-test (H1: JEPA > LM); loss_curves.png, singular_values.png
 
+Grid items: `λ:k` (LLM-JEPA), `λ:k:variant` (a key of VARIANTS, e.g. `2:3:sigreg`), with `@β` for
+the regularizer weight (`2:3:sigreg@0.3`), and `lm@F`: LM only trained F × the steps (the
+same-compute comparison; `--baseline lm_xF` pairs every arm with it). --split valid scores the
+same runs on valid.jsonl, the training records the preprocessing split holds out: settings are
+chosen there, and test is kept for the final numbers. --tokenizer and --init_from start every run
+from a pretrained model (pretrain.experiments.finetune).
+
 Runs run `--parallel` at a time, each on its share of the cores. Finished runs (eval.json present)
 are kept, so an interrupted experiment continues where it stopped, and a call with more arms
 trains only those; --reevaluate evaluates the exported runs again (after a change to the
@@ -33,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.preprocess import is_validation
+from data_pipeline.sources import ViewSpec
 from pretrain.evaluate import evaluate
 from pretrain.export import export
 
@@ -40,6 +49,9 @@ REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "nlrx_synth"
 RECIPE = REPO / "recipes" / "nlrx_cpu.yaml"
 SEEDS = (82, 23, 37, 84, 4)
+# The preprocessing split's validation share: 168 of the 8,000 training records, where settings
+# are chosen (valid.jsonl); NL-RX-SYNTH test is kept for the final numbers.
+VAL_FRACTION = 0.02
 # (λ, k): the paper's pretraining setting λ = 2, k = 3, and its neighbours on each axis.
 GRID = ((2.0, 3), (1.0, 3), (4.0, 3), (2.0, 1))
 _IN_PROCESS = threading.Lock()
@@ -66,36 +78,49 @@ class Arm:
     weight: float  # λ; 0 = LM only
     k: int
     variant: str = ""  # a key of VARIANTS, or "" for the defaults
+    beta: float | None = None  # jepa.regularizer_weight, when the grid item gives one (`@β`)
+    steps_factor: float = 1.0  # an LM-only arm trained this many times the steps (same FLOPs)
 
     @property
     def name(self) -> str:
         if self.weight == 0:
-            return "lm"
-        return f"l{self.weight:g}_k{self.k}" + (f"_{self.variant}" if self.variant else "")
+            return "lm" if self.steps_factor == 1 else f"lm_x{self.steps_factor:g}"
+        beta = "" if self.beta is None else f"_b{self.beta:g}"
+        return f"l{self.weight:g}_k{self.k}" + (f"_{self.variant}" if self.variant else "") + beta
 
     @property
     def label(self) -> str:
         if self.weight == 0:
-            return "LM only"
-        return f"LLM-JEPA λ={self.weight:g} k={self.k}" + (
-            f" {self.variant}" if self.variant else ""
+            return "LM only" + ("" if self.steps_factor == 1 else f", {self.steps_factor:g}× steps")
+        beta = "" if self.beta is None else f" β={self.beta:g}"
+        return (
+            f"LLM-JEPA λ={self.weight:g} k={self.k}"
+            + (f" {self.variant}" if self.variant else "")
+            + beta
         )
 
     @property
     def overrides(self) -> tuple[str, ...]:
-        return VARIANTS[self.variant] if self.variant else ()
+        beta = () if self.beta is None else (f"jepa.regularizer_weight={self.beta}",)
+        return (VARIANTS[self.variant] if self.variant else ()) + beta
+
+    def steps(self, base: int) -> int:
+        return round(base * self.steps_factor)
 
 
 def parse_arms(grid: str) -> list[Arm]:
-    """ "2:3,1:3,2:3:sigreg" → LM + those (λ, k[, variant]) arms."""
+    """ "2:3,1:3,2:3:sigreg@0.3,lm@1.47" → LM + those arms: (λ, k[, variant[@β]]) JEPA arms, and
+    `lm@F` an LM-only arm trained F × the steps (the same-FLOP comparison)."""
     arms = [Arm(0.0, 1)]
     for item in filter(None, grid.split(",")):
+        if item.startswith("lm@"):
+            arms.append(Arm(0.0, 1, steps_factor=float(item[3:])))
+            continue
         lam, k, *variant = item.split(":")
-        if variant and variant[0] not in VARIANTS:
-            raise RuntimeError(
-                f"unknown variant {variant[0]!r} in --grid (known: {', '.join(VARIANTS)})"
-            )
-        arms.append(Arm(float(lam), int(k), variant[0] if variant else ""))
+        name, _, beta = (variant[0] if variant else "").partition("@")
+        if name and name not in VARIANTS:
+            raise RuntimeError(f"unknown variant {name!r} in --grid (known: {', '.join(VARIANTS)})")
+        arms.append(Arm(float(lam), int(k), name, float(beta) if beta else None))
     return arms
 
 
@@ -107,10 +132,11 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> None:
         raise RuntimeError(f"{' '.join(cmd[:4])} … exited {proc.returncode} (log {log}):\n{tail}")
 
 
-def prepare(out: Path) -> Path:
-    """Tokenizer and shards under out/ (reused when present)."""
+def prepare(out: Path, tokenizer: str = "") -> Path:
+    """Tokenizer (trained, or the given one), shards and the validation pairs (valid.jsonl: the
+    training records the preprocessing split holds out) under out/; reused when present."""
     py = sys.executable
-    tok, shards = out / "tokenizer", out / "shards"
+    tok, shards = (Path(tokenizer) if tokenizer else out / "tokenizer"), out / "shards"
     if not (tok / "tokenizer.json").exists():
         _run([py, "-m", "data_pipeline.tokenizer", "train", "--inputs", str(DATA / "train.jsonl"),
               "--views", "messages", "--out", str(tok), "--vocab_size", "1000"],
@@ -118,23 +144,37 @@ def prepare(out: Path) -> Path:
     if not (shards / "manifest.json").exists():
         _run([py, "-m", "data_pipeline.preprocess", "--inputs", str(DATA / "train.jsonl"),
               "--views", "messages", "--tokenizer", str(tok), "--out", str(shards),
-              "--num_workers", "1", "--val_fraction", "0.02", "--progress", "false"],
+              "--num_workers", "1", "--val_fraction", str(VAL_FRACTION), "--progress", "false"],
              out / "preprocess.log", os.environ.copy())  # fmt: skip
+    valid = out / "valid.jsonl"
+    if not valid.exists():
+        spec = ViewSpec.parse("messages")
+        lines = (DATA / "train.jsonl").read_text().splitlines(keepends=True)
+        held = [ln for ln in lines if is_validation(spec.extract(json.loads(ln)), VAL_FRACTION)]
+        valid.write_text("".join(held))
     return shards
+
+
+def eval_data(out: Path, split: str) -> Path:
+    """The pairs a split is scored on: NL-RX-SYNTH test, or the held-out training records."""
+    if split not in ("test", "valid"):
+        raise RuntimeError(f"--split must be test or valid, got {split!r}")
+    return DATA / "test.jsonl" if split == "test" else out / "valid.jsonl"
 
 
 def run_one(
     arm: Arm, seed: int, out: Path, shards: Path, steps: int, limit: int, threads: int,
-    reevaluate: bool = False, extra: tuple[str, ...] = (),
+    reevaluate: bool = False, extra: tuple[str, ...] = (), split: str = "test",
 ) -> dict:  # fmt: skip
-    """Train, export, evaluate one (arm, seed); returns the evaluation (cached in eval.json).
-    reevaluate: evaluate an exported run again (after a change to the evaluator); extra: dotted
-    config overrides of every run."""
+    """Train, export, evaluate one (arm, seed); returns the evaluation of `split` (cached in
+    eval.json for test, eval_valid.json for valid). reevaluate: evaluate an exported run again
+    (after a change to the evaluator); extra: dotted config overrides of every run."""
     run_dir = out / "runs" / f"{arm.name}_s{seed}"
-    result, hf = run_dir / "eval.json", run_dir / "hf"
+    hf = run_dir / "hf"
+    result = run_dir / ("eval.json" if split == "test" else f"eval_{split}.json")
     if result.exists() and not (reevaluate and (hf / "config.json").exists()):
         return json.loads(result.read_text())
-    if not result.exists():
+    if not (hf / "config.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}  # fmt: skip
@@ -143,16 +183,18 @@ def run_one(
         _run([sys.executable, str(REPO / "pretrain" / "main.py"), str(RECIPE),
               f"data.paths=[{shards}]", f"run_dir={run_dir}", f"seed={seed}",
               f"jepa.weight={arm.weight}", f"jepa.predictor_tokens={arm.k}",
-              f"schedule.train_steps={steps}", f"schedule.warmup_steps={max(1, steps // 20)}",
+              f"schedule.train_steps={arm.steps(steps)}",
+              f"schedule.warmup_steps={max(1, arm.steps(steps) // 20)}",
               *arm.overrides, *extra],
              run_dir / "train.log", env)  # fmt: skip
     # Export + evaluate in this process, one run at a time (no second torch start-up); their
     # output goes to the run's eval.log (sys.stdout is swapped: the driver prints to `console`).
-    with _IN_PROCESS, open(run_dir / "eval.log", "w") as log:
+    log_name = "eval.log" if split == "test" else f"eval_{split}.log"
+    with _IN_PROCESS, open(run_dir / log_name, "w") as log:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             if not (hf / "config.json").exists():
                 export(run_dir, hf)
-            r = evaluate(hf, str(DATA / "test.jsonl"), predictor_tokens=arm.k, limit=limit,
+            r = evaluate(hf, str(eval_data(out, split)), predictor_tokens=arm.k, limit=limit,
                          top_singular=64, progress=False)  # fmt: skip
     result.write_text(json.dumps(r, indent=1) + "\n")
     return r
@@ -185,10 +227,14 @@ def paired_test(jepa: list[float], lm: list[float]) -> dict:
     return res
 
 
-def summarize(results: dict[Arm, dict[int, dict]], seeds: list[int]) -> dict:
+def summarize(results: dict[Arm, dict[int, dict]], seeds: list[int], baseline: str = "lm") -> dict:
+    """Mean ± std per arm and metric; every other arm's accuracy paired with the baseline arm's."""
     arms = list(results)
-    lm = arms[0]
-    summary = {"seeds": seeds, "arms": {}}
+    by_name = {a.name: a for a in arms}
+    if baseline not in by_name:
+        raise RuntimeError(f"--baseline {baseline!r} is not an arm (arms: {', '.join(by_name)})")
+    lm = by_name[baseline]
+    summary = {"seeds": seeds, "baseline": baseline, "arms": {}}
     for arm in arms:
         per_metric = {}
         for m in METRICS:
@@ -214,10 +260,11 @@ def _pm(entry: dict | None, fmt: str) -> str:
 
 
 def markdown(summary: dict, meta: dict) -> str:
+    base = next(a["label"] for n, a in summary["arms"].items() if n == summary["baseline"])
     head = (
-        f"NL-RX-SYNTH test ({meta['pairs']} pairs), {meta['steps']} steps, seeds "
-        f"{summary['seeds']}; mean ± std over seeds; Δ: paired difference to LM only, p: one-tailed "
-        "paired t-test (H1: LLM-JEPA > LM only)."
+        f"NL-RX-SYNTH {meta.get('split', 'test')} ({meta['pairs']} pairs), {meta['steps']} steps, "
+        f"seeds {summary['seeds']}; mean ± std over seeds; Δ: paired difference to {base}, p: "
+        f"one-tailed paired t-test (H1: the arm > {base})."
         + (f" Every run with {' '.join(meta['overrides'])}." if meta.get("overrides") else "")
     )
     acc = ["| arm | prefix match % | Δ prefix | p | exact match % | Δ exact | p | val LM loss |",
@@ -252,7 +299,9 @@ def _metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def plot(out: Path, arms: list[Arm], seeds: list[int], summary: dict) -> list[Path]:
+def plot(
+    out: Path, arms: list[Arm], seeds: list[int], summary: dict, suffix: str = ""
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,7 +319,7 @@ def plot(out: Path, arms: list[Arm], seeds: list[int], summary: dict) -> list[Pa
                 xlabel="step", yscale="log")  # fmt: skip
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    curves_png = out / "loss_curves.png"
+    curves_png = out / "loss_curves.png"  # training curves: the same whatever the split
     fig.savefig(curves_png, dpi=120)
     plt.close(fig)
 
@@ -282,7 +331,7 @@ def plot(out: Path, arms: list[Arm], seeds: list[int], summary: dict) -> list[Pa
            ylabel="singular value", yscale="log")  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
-    spectra_png = out / "singular_values.png"
+    spectra_png = out / f"singular_values{suffix}.png"
     fig.savefig(spectra_png, dpi=120)
     plt.close(fig)
     return [curves_png, spectra_png]
@@ -301,17 +350,27 @@ def main(
     quick: bool = False,
     reevaluate: bool = False,
     overrides: str = "",
-) -> None:
-    """Runs the whole experiment into OUT; see the module docstring."""
+    split: str = "test",
+    baseline: str = "lm",
+    tokenizer: str = "",
+    init_from: str = "",
+) -> dict:
+    """Runs the whole experiment into OUT; see the module docstring. split: score on NL-RX-SYNTH
+    test or on the validation records (choose settings on valid, report test); baseline: the arm
+    the others are paired with; tokenizer: use this tokenizer instead of training one;
+    init_from: start every run from this Hugging Face model (fine-tuning)."""
     if quick:
         grid, seeds, steps, limit = "2:3", "82,23", 30, 100
     arms = parse_arms(str(grid))
     seed_list = [int(s) for s in str(seeds).split(",") if s]
     extra = tuple(str(overrides).split())  # e.g. "model.overrides.hidden_size=128 optim.lr=1e-3"
+    if init_from:
+        extra += (f"model.init_from={Path(init_from).resolve()}",)
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    eval_data(out_dir, split)  # a bad --split fails before any training
     t0 = time.perf_counter()
-    shards = prepare(out_dir)
+    shards = prepare(out_dir, tokenizer)
     threads = max(1, (os.cpu_count() or 1) // parallel)
     jobs = [(arm, s) for s in seed_list for arm in arms]  # seed-major: pairs finish together
     print(f"[nlrx] {len(arms)} arms × {len(seed_list)} seeds, {steps} steps each, "
@@ -322,7 +381,7 @@ def main(
     def job(arm_seed):
         arm, seed = arm_seed
         t = time.perf_counter()
-        r = run_one(arm, seed, out_dir, shards, steps, limit, threads, reevaluate, extra)
+        r = run_one(arm, seed, out_dir, shards, steps, limit, threads, reevaluate, extra, split)
         print(f"[nlrx] {arm.name} seed {seed}: prefix {r['prefix_match']:.2f} exact "
               f"{r['exact_match']:.2f} cos {r['cosine']:.4f} ({time.perf_counter() - t:.0f} s)", file=console, flush=True)  # fmt: skip
         return r
@@ -332,25 +391,28 @@ def main(
     results: dict[Arm, dict[int, dict]] = {arm: {} for arm in arms}
     for (arm, seed), r in zip(jobs, evals):
         results[arm][seed] = {**r, **final_eval_scalars(out_dir / "runs" / f"{arm.name}_s{seed}")}
-    summary = summarize(results, seed_list)
+    summary = summarize(results, seed_list, baseline)
     meta = {"steps": steps, "pairs": evals[0]["pairs"], "minutes": (time.perf_counter() - t0) / 60,
-            "recipe": str(RECIPE.relative_to(REPO)), "overrides": list(extra), "quick": quick}  # fmt: skip
+            "recipe": str(RECIPE.relative_to(REPO)), "overrides": list(extra), "quick": quick,
+            "split": split}  # fmt: skip
     summary["meta"] = meta
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    suffix = "" if split == "test" else f"_{split}"
+    (out_dir / f"summary{suffix}.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = markdown(summary, meta)
-    (out_dir / "summary.md").write_text(table)
-    pngs = plot(out_dir, arms, seed_list, summary)
+    (out_dir / f"summary{suffix}.md").write_text(table)
+    pngs = plot(out_dir, arms, seed_list, summary, suffix)
     print(table)
     print(
-        f"[nlrx] done in {meta['minutes']:.1f} min: {out_dir / 'summary.md'}, "
+        f"[nlrx] done in {meta['minutes']:.1f} min: {out_dir / f'summary{suffix}.md'}, "
         + ", ".join(str(p) for p in pngs)
     )
+    return summary
 
 
 if __name__ == "__main__":
     import fire
 
     try:
-        fire.Fire(main)
+        fire.Fire(main, serialize=lambda _summary: None)  # the summary is printed as a table
     except RuntimeError as e:
         sys.exit(f"pretrain.experiments.nlrx: error: {e}")
