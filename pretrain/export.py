@@ -71,6 +71,10 @@ def export(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    # lm-evaluation-harness reads the model through text only: its tokenizer copy (see there)
+    from pretrain.lm_eval_tasks.prepare import write_harness_tokenizer
+
+    write_harness_tokenizer(out_dir)
     print(
         f"exported {run_dir}/checkpoints/{tag} → {out_dir} ({sum(p.numel() for p in model.parameters()):,} parameters)"
     )

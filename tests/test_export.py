@@ -34,6 +34,11 @@ def test_offline_load_and_generate(exported, monkeypatch):
     gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
     new = gen[0, ids["input_ids"].shape[1] :]
     assert len(new) > 0 and tok.decode(new, skip_special_tokens=False).strip()
+    # the copy lm-evaluation-harness reads (pretrain/lm_eval_tasks): view_sep's text is its id
+    harness = AutoTokenizer.from_pretrained(out / "lm_eval_tokenizer", local_files_only=True)
+    sep = tok.convert_tokens_to_ids("<|view_sep|>")
+    assert harness("<|view_sep|>", add_special_tokens=False)["input_ids"] == [sep]
+    assert tok("<|view_sep|>", add_special_tokens=False)["input_ids"] != [sep]
 
 
 def test_exported_logits_equal_the_engine(exported):

@@ -7,7 +7,8 @@ text and reads text back, so the exported tokenizer does not fit it:
     not inject one), so no prompt text encodes to the bos and view_sep ids;
   - the harness decodes with skip_special_tokens, which would drop a view_sep or predictor token
     that the model generates before eos, where pretrain.evaluate keeps its text (a miss).
-This writes a copy of the tokenizer for the harness, MODEL_DIR/lm_eval_tokenizer by default:
+pretrain.export writes a copy of the tokenizer for the harness, MODEL_DIR/lm_eval_tokenizer, with
+this module's function; this command writes it for a folder exported before it did:
 `split_special_tokens` false, and every added token marked non-special in tokenizer.json
 (transformers keeps bos, eos, pad and unk special whatever the file says; the harness cuts at
 eos). Vocabulary, merges, normaliser and decoder are the exported ones. Use it through the

@@ -56,7 +56,8 @@ def load_pairs(tokenizer=None, pretrained=None, data: str = str(DATA), **_) -> d
             raise ValueError(
                 f"{tokenizer or pretrained}: the prompt of pair {i} ({pairs.a_text[i][:60]!r})"
                 f" encodes to {ids[:10]}…, not [bos] A [view_sep] = {want[:10]}…; give the harness"
-                " the tokenizer that `python -m pretrain.lm_eval_tasks.prepare MODEL_DIR` writes:"
+                " the tokenizer copy that pretrain.export writes (for older exports:"
+                " `python -m pretrain.lm_eval_tasks.prepare MODEL_DIR`):"
                 " --model_args pretrained=MODEL_DIR,tokenizer=MODEL_DIR/lm_eval_tokenizer"
             )
     test = datasets.Dataset.from_dict({
