@@ -14,7 +14,8 @@ by a world of ranks exactly as the trainer reads it.
    checks (`check_data_once`, the others wait), `_dataset(cfg, "train", seed)` (PackedDataset,
    best-fit packing) and `StepInputs` (the prefetch thread), and measures: time to the first
    batch; micro-batches/s cold (first steps), warm, and warm with the shard LRU unbounded
-   (`shards.MAX_OPEN_READERS` ≥ S: what the LRU's open/close of maps costs); memory (RSS, PSS,
+   (`shards.MAX_OPEN_READERS` ≥ S: what the LRU's open/close of maps costs, when
+   `shards.open_readers_limit()`, sized from the process's limits, is below S); memory (RSS, PSS,
    USS, anonymous from /proc/self/smaps_rollup); open descriptors (/proc/self/fd); bytes read from
    disk and major faults per record; shard maps opened per record; an epoch rollover (the dataset
    resumed a few steps before the end of its part of epoch 0, steps timed across the boundary).
@@ -352,6 +353,7 @@ def run_rank(args) -> dict:
     out["first_batch_s"] = out["verify_s"] + out["build_s"] + out["cold"]["first_step_s"]
     out["warm"] = run_phase(ds, cfg, args.steps, args.steps, maps)
     out["mem_warm"] = memory()
+    out["open_readers_limit"] = shard_io.open_readers_limit()  # from this process's limits
     limit = shard_io.MAX_OPEN_READERS
     shard_io.MAX_OPEN_READERS = len(ds.sources[0].readers) + 1
     out["unbounded"] = run_phase(ds, cfg, 2 * args.steps, args.steps, maps)
@@ -447,9 +449,10 @@ projection (N records, S shards of N/S records each, W ranks; measured values at
                       the shared file system sees W · S · 7 metadata calls at start
   first batch       = verify + build + first step (packing ~ one window)  → ∝ N + S
   anon memory/rank  = base + (dataset's anonymous bytes at S) · S'/S       → ∝ S, not N, not W
-  fds/rank          ≤ base + 2 · MAX_OPEN_READERS (one per map: .bin, .idx) → constant
+  fds/rank          ≤ base + 2 · L (one per map: .bin, .idx), L = the reader LRU's bound
+                      (shards.open_readers_limit(): from RLIMIT_NOFILE and vm.max_map_count)
   records/s/rank    = measured (order on demand, O(1) per id)           → constant; cluster ∝ W
-  shard maps opened / record = 1 − MAX_OPEN_READERS / S (random order over S shards)
+  shard maps opened / record = max(0, 1 − L / S) (random order over S shards)
   epoch rollover    = EpochOrder + RankPart + first 4,096 ids, measured at 10⁹ records, 1,000 ranks"""
 
 
@@ -469,9 +472,10 @@ def print_generation(args, gen: dict) -> None:
 
 def map_open_us(r: dict) -> float:
     """What the reader LRU costs per map it opens: the per-record time difference between the
-    LRU and the unbounded phase, over the maps opened per record."""
+    LRU and the unbounded phase, over the maps opened per record (nan: the LRU missed no read)."""
     extra = 1 / r["warm"]["records_per_s"] - 1 / r["unbounded"]["records_per_s"]
-    return 1e6 * extra / max(r["warm"]["map_opens_per_record"], 1e-9)
+    opens = r["warm"]["map_opens_per_record"]
+    return 1e6 * extra / opens if opens > 1e-3 else float("nan")
 
 
 def report_rows(report: dict) -> list[tuple[str, list[str]]]:
@@ -528,7 +532,7 @@ def print_report(report: dict) -> None:
     width = max(len(name) for name, _ in rows)
     print(f"\n{report['records']:,} records, {report['shards']:,} shards, {report['world']} ranks,"
           f" rows of {report['seq_len']} tokens, {report['micro_batch_rows']} rows per "
-          f"micro-batch, MAX_OPEN_READERS={report['max_open_readers']}; {report['cpus']} CPUs, "
+          f"micro-batch, reader LRU {report['max_open_readers']} shards; {report['cpus']} CPUs, "
           "load average (1 min) before / after the ranks "
           f"{report['load_average'][0]:.1f} / {report['load_average'][1]:.1f}")  # fmt: skip
     print(f"| {'measure':<{width}} | " + " | ".join(f"rank {r['rank']}" for r in report["ranks"])
@@ -579,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
     report = {"records": args.records, "shards": args.shards, "world": args.ranks,
-              "max_open_readers": shard_io.MAX_OPEN_READERS, "seq_len": args.seq_len,
+              "max_open_readers": ranks[0]["open_readers_limit"], "seq_len": args.seq_len,
               "micro_batch_rows": args.micro_batch_rows, "generation": gen, "ranks": ranks,
               "order_at_scale": order_at_scale(), "cpus": os.cpu_count(),
               "load_average": [load, os.getloadavg()[0]]}  # fmt: skip

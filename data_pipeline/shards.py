@@ -158,16 +158,66 @@ def read_header(
     return version, code, a, b, size
 
 
-# Open shards (two memory maps, two file descriptors each) per process, whatever the number of
-# shards: the least recently read is closed when one more opens (it reopens when read again).
-MAX_OPEN_READERS = 64
+# Open shards per process, whatever the number of shards: the least recently read is closed when
+# one more opens (it reopens when read again). The global shuffle reads a random shard per record,
+# so a bound below the shard count S misses 1 - bound/S of the reads, and a miss (two maps opened)
+# costs ~10x a hit: the bound is as large as the process's limits allow (open_readers_limit).
+MAX_OPEN_READERS: int | None = None  # an int fixes the bound (tests, benchmarks)
+MIN_OPEN_READERS = 16
+FDS_PER_SHARD = 2  # one per map: CPython's mmap keeps a dup() of the file's descriptor
+MAPS_PER_SHARD = 2  # kernel map areas (vm.max_map_count counts them per process)
+_derived_limit: int | None = None  # open_readers_limit's, computed at first use
 _open_readers: OrderedDict[int, ShardReader] = OrderedDict()
 _open_lock = threading.Lock()  # the prefetch thread and evaluation read concurrently
 
 
 def open_readers() -> int:
-    """Shards whose maps are open in this process (at most MAX_OPEN_READERS)."""
+    """Shards whose maps are open in this process (at most open_readers_limit())."""
     return len(_open_readers)
+
+
+def open_readers_limit() -> int:
+    """How many shards may hold their maps at once in this process: MAX_OPEN_READERS when set,
+    else (computed once, at first use) what the limits leave: the soft RLIMIT_NOFILE, first
+    raised to the hard limit (as training frameworks do), less a reserve for everything else
+    (a quarter, at least 128 descriptors), and half of vm.max_map_count, each divided by what a
+    shard holds; at least MIN_OPEN_READERS. `ulimit -n 256` gives 64; 1024 gives 384."""
+    global _derived_limit
+    if MAX_OPEN_READERS is not None:
+        return MAX_OPEN_READERS
+    if _derived_limit is None:
+        soft = raise_open_file_limit()
+        bound = (soft - max(128, soft // 4)) // FDS_PER_SHARD
+        max_maps = _max_map_count()
+        if max_maps is not None:
+            bound = min(bound, max_maps // 2 // MAPS_PER_SHARD)
+        _derived_limit = max(MIN_OPEN_READERS, bound)
+    return _derived_limit
+
+
+def raise_open_file_limit() -> int:
+    """Raises this process's soft limit on open files to its hard limit; returns the soft limit
+    in force (capped at 2^20: "unlimited" is not a count)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = 1 << 20
+    target = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # e.g. macOS refuses more than OPEN_MAX
+            pass
+    return cap if soft == resource.RLIM_INFINITY else min(soft, cap)
+
+
+def _max_map_count() -> int | None:
+    """Linux's per-process bound on memory map areas; None where there is none to read."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class _Maps(NamedTuple):
@@ -179,7 +229,8 @@ class _Maps(NamedTuple):
 
 class ShardReader:
     """Read-only view of one shard. Memory maps are opened lazily, so instances pickle cheaply,
-    and at most MAX_OPEN_READERS shards hold them at a time (least recently read closed first).
+    and at most open_readers_limit() shards hold them at a time (least recently read closed
+    first).
     Opening reads the headers only; `check_index` reads the whole index, `record` one record.
 
     vocab_size: token ids must lie below it; checked at open against the index's largest id
@@ -234,7 +285,7 @@ class ShardReader:
 
     def _maps(self) -> _Maps:
         """The maps, opened if needed; marks this shard the most recently read and closes the
-        least recently read one beyond MAX_OPEN_READERS. A caller's references keep a closed
+        least recently read one beyond open_readers_limit(). A caller's references keep a closed
         shard's maps alive until it lets go of them."""
         with _open_lock:
             maps = self._open_maps
@@ -242,7 +293,8 @@ class ShardReader:
                 maps = self._open_maps = self._map_files()
             _open_readers[id(self)] = self
             _open_readers.move_to_end(id(self))
-            while len(_open_readers) > MAX_OPEN_READERS:
+            limit = open_readers_limit()
+            while len(_open_readers) > limit:
                 _, oldest = _open_readers.popitem(last=False)
                 oldest._open_maps = None  # the last reference: the maps and their files close
         return maps
@@ -280,10 +332,11 @@ class ShardReader:
         """Proves that the records tile the .bin: record 0 starts at token 0, each next one where
         the one before ends, the last ends at n_tokens. So every record lies inside the file and
         no two overlap. One vectorised pass over the index, chunk by chunk (bounded memory).
-        Returns the tokens per view, summed over the records."""
+        Returns the tokens per view, summed over the records. A one-off pass: maps it opens are
+        closed when it returns, not kept in the reader LRU."""
         view_tokens = [0] * self.n_views
         end = 0
-        maps = self._maps()
+        maps = self._open_maps or self._map_files()
         for lo in range(0, self.n_records, chunk_records):
             lengths = maps.lengths[lo : lo + chunk_records]
             # Column by column: numpy's sum over a short last axis is ~10x slower.

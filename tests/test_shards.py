@@ -75,3 +75,39 @@ def test_verify_catches_flipped_byte_and_truncation(bundled_shards, tmp_path, ca
     assert out and all("00001.train.bin" in line for line in out)
     (folder / "manifest.json").unlink()
     assert "manifest.json: missing" in verify_folder(folder)[0]
+
+
+def test_open_shards_are_bounded_by_the_process_limits(tmp_path, monkeypatch):
+    """The reader LRU holds as many shards as the open-file limit (raised to the hard limit) and
+    vm.max_map_count leave: two descriptors and two map areas per shard, a reserve for the rest
+    of the process, at least MIN_OPEN_READERS."""
+    import resource
+
+    from data_pipeline import shards
+
+    raised = []
+
+    def limit(soft: int, hard: int, max_maps: int | None) -> int:
+        monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, hard))
+        monkeypatch.setattr(resource, "setrlimit", lambda _, new: raised.append(new))
+        monkeypatch.setattr(shards, "_max_map_count", lambda: max_maps)
+        monkeypatch.setattr(shards, "_derived_limit", None)
+        return shards.open_readers_limit()
+
+    monkeypatch.setattr(shards, "MAX_OPEN_READERS", None)
+    assert limit(256, 256, 65530) == 64 and raised == []  # `ulimit -n 256`: (256 - 128) / 2
+    assert limit(1024, 4096, None) == 1536 and raised == [(4096, 4096)]  # (4096 - 1024) / 2
+    assert limit(1024, 524288, 65530) == 16382  # half the map areas, two per shard
+    assert limit(40, 40, 65530) == shards.MIN_OPEN_READERS
+
+    # The LRU follows the bound: 5 shards read in turn under a bound of 2 keep 2 open.
+    monkeypatch.setattr(shards, "_derived_limit", 2)
+    readers = []
+    for k in range(5):
+        w = ShardWriter(tmp_path / f"s{k}", n_views=1, dtype=np.dtype("<u2"))
+        w.add([[k, k + 1]])
+        w.close()
+        readers.append(ShardReader(tmp_path / f"s{k}"))
+    for _ in range(2):
+        assert [r.record(0)[0].tolist() for r in readers] == [[k, k + 1] for k in range(5)]
+        assert shards.open_readers() == 2
