@@ -313,6 +313,46 @@ def extend_tokenizer(
     return load_tokenizer(out_dir)
 
 
+# Files any transformers tokenizer folder has at least one of (fast, BPE, SentencePiece, WordPiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                    "vocab.txt")  # fmt: skip
+
+
+def read_vocab(tok_dir: str | os.PathLike) -> dict[str, int] | None:
+    """{token: id} of the tokenizer in `tok_dir`, added tokens included; None when the folder
+    holds no tokenizer files. tokenizer.json is read by `tokenizers` alone (fast); a folder
+    without one (slow-tokenizer files only) loads through transformers."""
+    tok_dir = Path(tok_dir)
+    if (tok_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab(
+            with_added_tokens=True
+        )
+    if not any((tok_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        str(tok_dir), local_files_only=True, trust_remote_code=False
+    )
+    return tok.get_vocab()
+
+
+def extension_mismatch(base: dict[str, int], vocab: dict[str, int]) -> str | None:
+    """Why `vocab` is neither the `base` vocabulary nor an extension of it (what `extend` makes:
+    every base token keeps its id, new tokens come after), or None when it is one."""
+    wrong = [(t, i) for t, i in sorted(base.items(), key=lambda kv: kv[1]) if vocab.get(t) != i]
+    if not wrong:
+        return None
+    token, token_id = wrong[0]
+    here = f"id {vocab[token]}" if token in vocab else "missing"
+    return (
+        f"{len(wrong):,} of the base's {len(base):,} tokens have another id or are missing "
+        f"(first: {token!r}, id {token_id} in the base, {here} in this one)"
+    )
+
+
 def special_token_ids(
     tok: PreTrainedTokenizerFast, num_predictor_tokens: int | None = None
 ) -> dict:

@@ -151,6 +151,10 @@ def load_pretrained(
     when tokens (the predictors) were added. A smaller tokenizer is fine when the checkpoint pads
     its vocab (Qwen2: 151,665 tokens, 151,936 embedding rows): embeddings are never shrunk.
 
+    Added rows (input embedding, and the LM head when it is not tied) are the mean of the
+    checkpoint's rows (`init_new_rows`): the model's next-token distribution barely moves, and
+    the rows are the same on every rank and every rerun.
+
     dtype: weights as loaded (from_pretrained's own default is the checkpoint's dtype); fp32
     master weights, the engine's bf16 mode casts the compute copy."""
     if not Path(path).is_dir():
@@ -164,11 +168,66 @@ def load_pretrained(
     )
     _check_vocab(model.config, vocab_size, str(path))
     # num_embeddings is module metadata: correct even when ZeRO-3 has partitioned the weight.
-    if vocab_size > model.get_input_embeddings().num_embeddings:
-        # New rows drawn from a normal with the old rows' mean and covariance (transformers'
-        # mean_resizing); resize gathers ZeRO-3 partitions itself.
-        model.resize_token_embeddings(vocab_size)
+    old_rows = model.get_input_embeddings().num_embeddings
+    if vocab_size > old_rows:
+        # resize gathers ZeRO-3 partitions itself and returns whole (not yet partitioned) new
+        # weights; its mean_resizing would draw the rows from N(mean, 1e-9·covariance) with
+        # the global RNG, so the mean is set exactly instead.
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        init_new_rows(model, old_rows)
     return model
+
+
+def init_new_rows(model: torch.nn.Module, old_rows: int) -> None:
+    """Rows old_rows.. of the input embedding and of the LM head (weight and bias, if untied)
+    become the mean of rows ..old_rows (transformers' mean_resizing without its noise)."""
+    head = model.get_output_embeddings()
+    tensors = [model.get_input_embeddings().weight]
+    if head is not None:
+        tensors += [head.weight, getattr(head, "bias", None)]
+    seen = set()
+    with torch.no_grad():
+        for t in tensors:
+            if t is None or id(t) in seen:  # tied: the head is the embedding
+                continue
+            seen.add(id(t))
+            if t.shape[0] <= old_rows:  # a ZeRO-3 partition: resize did not leave it whole
+                raise RuntimeError(f"cannot set the new rows of a {tuple(t.shape)} tensor")
+            t[old_rows:] = t[:old_rows].mean(0, dtype=torch.float64).to(t.dtype)
+
+
+def check_init_from(
+    path: str | Path, tokenizer_dir: str | Path, vocab_size: int, trust_remote_code: bool = False
+) -> list[str]:
+    """Whether the run's tokenizer (the shards', vocab_size tokens) belongs to the checkpoint at
+    path: its own tokenizer, or that one extended (`python -m data_pipeline.tokenizer extend`).
+    Returns warnings; raises ValueError (one line) when it does not. Reads files only."""
+    from data_pipeline.tokenizer import extension_mismatch, read_vocab
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model.init_from={path}: not a Hugging Face checkpoint folder "
+                         "(no config.json)")  # fmt: skip
+    config = AutoConfig.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    _check_vocab(config, vocab_size, str(path))
+    base = read_vocab(path)
+    if base is None:
+        return [f"model.init_from={path} has no tokenizer: cannot check that the shards' "
+                f"tokenizer ({tokenizer_dir}) is the one the model was trained with; going on"]  # fmt: skip
+    vocab = read_vocab(tokenizer_dir)
+    if vocab is None:
+        raise ValueError(f"{tokenizer_dir}: no tokenizer (the shards' tokenizer folder)")
+    why = extension_mismatch(base, vocab)
+    if why is not None:
+        raise ValueError(
+            f"the shards' tokenizer ({tokenizer_dir}) is not the tokenizer of model.init_from="
+            f"{path} nor an extension of it: {why}; make the shards with "
+            f"`python -m data_pipeline.tokenizer extend --src {path} --out TOK_DIR` and "
+            "`python -m data_pipeline.preprocess --tokenizer TOK_DIR ...`"
+        )
+    return []
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -33,7 +33,13 @@ from data_pipeline.packing import PackStats
 from pretrain import checkpoint as ckpt
 from pretrain import preemption
 from pretrain.batches import StepInput, StepInputs, to_device
-from pretrain.config import TrainConfig, build_deepspeed_config, config_to_dict, resolve_path
+from pretrain.config import (
+    ConfigError,
+    TrainConfig,
+    build_deepspeed_config,
+    config_to_dict,
+    resolve_path,
+)
 from pretrain.distributed import (
     all_gather_object,
     all_reduce_sum,
@@ -56,6 +62,7 @@ from pretrain.metrics import (
     peak_flops_per_s,
     training_flops,
 )
+from pretrain.model import check_init_from
 from pretrain.rundir import RunDirBusyError, RunDirLock
 from pretrain.validation import evaluate, shared_seed, stp_seed
 
@@ -188,6 +195,26 @@ def _dataset(cfg: TrainConfig, split: str, seed: int):
     )
 
 
+def check_init_from_once(cfg: TrainConfig, tokenizer_dir: Path, vocab_size: int) -> None:
+    """Rank 0 checks that the shards' tokenizer belongs to model.init_from (pretrain/model.py
+    `check_init_from`) before any rank loads it; every rank prints the warnings and raises the
+    same one-line error."""
+    if not cfg.model.init_from:
+        return
+    outcome = None
+    if get_rank() == 0:
+        try:
+            outcome = (None, check_init_from(cfg.model.init_from, tokenizer_dir, vocab_size,
+                                             cfg.model.trust_remote_code))  # fmt: skip
+        except (ValueError, OSError) as e:  # transformers reports a bad config.json as OSError
+            outcome = (str(e), [])
+    error, warnings = broadcast_object(outcome)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+    if error is not None:
+        raise ConfigError(error)
+
+
 def own_run_dir(run_dir: Path) -> RunDirLock | None:
     """Rank 0 takes the run folder's lock (pretrain/rundir.py); every rank learns the outcome,
     so a folder owned by a live run stops all of them. Returns rank 0's lock."""
@@ -235,6 +262,7 @@ def _setup(cfg: TrainConfig) -> Run:
     val_start = train_ds.merge_states(all_gather_object(val_ds.state_dict()))
     sp = train_ds.specials
     vocab = SpecialIdsInfo(train_ds.vocab_size, sp.bos, sp.eos, sp.pad)
+    check_init_from_once(cfg, train_ds.tokenizer_dir, vocab.vocab_size)
     engine, hf_config = build_engine(cfg, ds_config, vocab, run_dir)
     shape = ModelShape.from_model(engine.module.model, hf_config)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -484,6 +512,16 @@ def every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
+def eval_due(run: Run, start: int) -> bool:
+    """Every logging.eval_every_steps, but not at the step the run (re)starts from, except at
+    step 0 of a run from model.init_from: the checkpoint's own validation losses, the baseline
+    that continued pretraining is measured against."""
+    n = run.cfg.logging.eval_every_steps
+    if run.step == start:
+        return n > 0 and run.step == 0 and bool(run.cfg.model.init_from)
+    return every(run.step, n)
+
+
 def train(cfg: TrainConfig) -> None:
     preemption.install_handler()  # first: a signal during setup is acted on after it
     preemption.watch_deepspeed_runner()
@@ -510,7 +548,7 @@ def loop(run: Run) -> None:
         lr = lr_at(cfg, run.step)
         for group in run.engine.optimizer.param_groups:
             group["lr"] = lr
-        if run.step > start and every(run.step, lcfg.eval_every_steps):
+        if eval_due(run, start):
             run.metrics.log(
                 run.step, evaluate(run.engine, run.val_ds, run.val_start, cfg), kind="eval"
             )

@@ -48,10 +48,11 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def launch_command(overrides: list[str], nproc: int, launcher: str, port: int) -> list[str]:
-    """The command line that runs pretrain/main.py on the tiny recipe with `nproc` processes."""
+def launch_command(overrides: list[str], nproc: int, launcher: str, port: int,
+                   recipe: Path = TINY) -> list[str]:  # fmt: skip
+    """The command line that runs pretrain/main.py on `recipe` (tiny) with `nproc` processes."""
     port = str(port)
-    script = [str(REPO / "pretrain" / "main.py"), str(TINY), *overrides]
+    script = [str(REPO / "pretrain" / "main.py"), str(recipe), *overrides]
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}", *script]
     elif launcher == "deepspeed":
@@ -68,9 +69,10 @@ def launch_command(overrides: list[str], nproc: int, launcher: str, port: int) -
 
 
 def launch(overrides: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: int = 300,
-           check: bool = True, port: int | None = None) -> subprocess.CompletedProcess:  # fmt: skip
-    """Runs pretrain/main.py on the tiny recipe with `nproc` CPU processes."""
-    cmd = launch_command(overrides, nproc, launcher, port or free_port())
+           check: bool = True, port: int | None = None,
+           recipe: Path = TINY) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs pretrain/main.py on `recipe` (tiny) with `nproc` CPU processes."""
+    cmd = launch_command(overrides, nproc, launcher, port or free_port(), recipe)
     proc = subprocess.run(
         cmd, cwd=REPO, env=engine_env(), capture_output=True, text=True, timeout=timeout
     )
