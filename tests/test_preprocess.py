@@ -498,19 +498,19 @@ def test_zstd_jsonl_streams_every_frame_and_counts_damage(tmp_path, tokenizer_di
     assert any(e.startswith(f"{cut}:") and "truncated_zstd" in e for e in m["skip_examples"])
 
 
-# One task of a Slurm array: plan_units is wrapped to log each call and take 1 s, so that the
+# One task of a Slurm array: plan_parts is wrapped to log each call and take 1 s, so that the
 # other tasks, started at the same moment, find the planning lock taken.
 ARRAY_TASK = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import data_pipeline.preprocess as pre
-real = pre.plan_units
+real = pre.plan_parts
 def logged(*a, **kw):
     with open(sys.argv[2], "a") as f:
         f.write("planned\n")
     time.sleep(1.0)
     return real(*a, **kw)
-pre.plan_units = logged
+pre.plan_parts = logged
 pre.preprocess(sys.argv[3], "messages", sys.argv[4], sys.argv[5], shard_bytes=200_000,
                shard_index=int(sys.argv[6]), shard_count=3, progress=False)
 """

@@ -1,0 +1,255 @@
+"""Preprocessing speed paths give the bytes of the plain ones: work units cut into parts (every
+worker has work on a small input), the shard writer's batch and merge paths, the JSON decoder and
+the tokenizer backend."""
+
+import filecmp
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BUNDLED, chat, write_jsonl
+
+import data_pipeline.preprocess as pre
+from data_pipeline import sources
+from data_pipeline.shards import ShardReader, ShardWriter
+from data_pipeline.verify import verify_folder
+
+
+def run(inputs, out, tok, **kw):
+    kw.setdefault("progress", False)
+    return pre.preprocess(str(inputs), "messages", str(tok), str(out), **kw)
+
+
+def assert_same_files(a: Path, b: Path, but=()) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        if f.name not in but:
+            assert filecmp.cmp(a / f, b / f, shallow=False), f
+
+
+def plan_parts(out: Path) -> list[int]:
+    return [len(parts) for parts in json.loads((out / "plan.json").read_text())["parts"]]
+
+
+def parts_of(monkeypatch, min_bytes: int) -> None:
+    """Parts of at least min_bytes (1 << 40: a unit is one part)."""
+    monkeypatch.setattr(pre, "PART_BYTES_MIN", min_bytes)
+    monkeypatch.setattr(pre, "PART_BYTES_MAX", max(min_bytes, 8 << 20))
+
+
+@pytest.fixture(scope="module")
+def mixed_input(tmp_path_factory) -> Path:
+    """The bundled train set with unparsable, too long and empty records spread through it."""
+    bad = ['{"messages": [ not json', json.dumps(chat("x " * 600, "y")), json.dumps(chat(" ", "b")),
+           "[1, 2]", json.dumps({"messages": [{"role": "user", "content": "no answer"}]})]  # fmt: skip
+    lines = []
+    for i, line in enumerate((BUNDLED / "train.jsonl").read_text().splitlines()):
+        lines.append(line)
+        if i % 331 == 7:
+            lines.append(bad[i % len(bad)])
+    return write_jsonl(tmp_path_factory.mktemp("mixed") / "mixed.jsonl", lines)
+
+
+def test_parts_merge_into_the_bytes_of_whole_units(
+    tmp_path, tokenizer_dir, monkeypatch, mixed_input
+):
+    kw = dict(shard_bytes=700_000, max_record_tokens=200, val_fraction=0.1)
+    parts_of(monkeypatch, 1 << 40)
+    whole = run(mixed_input, tmp_path / "whole", tokenizer_dir, **kw)
+    assert plan_parts(tmp_path / "whole") == [1, 1, 1]
+    assert whole["skipped"]["too_long"] and whole["skipped"]["bad_json"]
+    assert len(whole["skip_examples"]) == 5
+    parts_of(monkeypatch, 20_000)
+    for workers in (1, 2):
+        out = tmp_path / f"parts{workers}"
+        assert run(mixed_input, out, tokenizer_dir, num_workers=workers, **kw) == whole
+        assert min(plan_parts(out)) >= 10
+        assert_same_files(tmp_path / "whole", out, but=("plan.json",))
+        assert verify_folder(out) == []
+
+
+def test_a_small_input_keeps_every_worker_busy(tmp_path, tokenizer_dir, monkeypatch):
+    """Before, an input smaller than one unit (64 MiB) ran in one process whatever --num_workers."""
+    lines = (BUNDLED / "train.jsonl").read_text().splitlines(keepends=True)
+    src = tmp_path / "1mb.jsonl"
+    src.write_text("".join(lines[: len(lines) // 2]))
+    assert 0.9e6 < src.stat().st_size < 1.1e6
+    pools = []
+    real = pre.mp.get_context
+
+    class Context:  # records the pools that the run starts
+        def __init__(self, method):
+            self._ctx = real(method)
+
+        def Pool(self, processes, **kw):
+            pools.append(processes)
+            return self._ctx.Pool(processes, **kw)
+
+    monkeypatch.setattr(pre.mp, "get_context", Context)
+    run(src, tmp_path / "w2", tokenizer_dir, num_workers=2)
+    assert pools == [2] and plan_parts(tmp_path / "w2") == [4]  # one unit, cut in 4 parts
+    run(src, tmp_path / "w1", tokenizer_dir, num_workers=1)
+    assert pools == [2]  # one worker: no pool
+    assert_same_files(tmp_path / "w1", tmp_path / "w2")  # plan.json included
+
+
+def test_a_failing_part_leaves_nothing_of_its_unit(
+    tmp_path, tokenizer_dir, monkeypatch, mixed_input
+):
+    parts_of(monkeypatch, 20_000)
+    out = tmp_path / "strict"
+    # the first bad record of the part that fails first: parts run side by side
+    with pytest.raises(
+        pre.StrictError,
+        match=rf"^{mixed_input}:\d+: (bad_json|bad_record|empty_view|missing_view): ",
+    ):
+        run(mixed_input, out, tokenizer_dir, num_workers=2, strict=True)
+    assert list((out / "shards").iterdir()) == []
+
+
+def test_parts_left_by_a_killed_run_are_redone(tmp_path, tokenizer_dir, monkeypatch, mixed_input):
+    parts_of(monkeypatch, 20_000)
+    out = tmp_path / "o"
+    run(mixed_input, out, tokenizer_dir, shard_bytes=700_000)
+    reference = tmp_path / "reference"
+    run(mixed_input, reference, tokenizer_dir, shard_bytes=700_000)
+    # Unit 1 killed while merging: its json not written yet, a merged .bin and parts left.
+    (out / "shards" / "00001.json").unlink()
+    (out / "manifest.json").unlink()
+    left = [
+        out / "shards" / "00001.train.tmp-part00003.bin",
+        out / "shards" / "00001.val.bin.tmp99",
+    ]
+    for p in left:
+        p.write_bytes(b"partial")
+    run(mixed_input, out, tokenizer_dir, shard_bytes=700_000)
+    assert not any(p.exists() for p in left) and verify_folder(out) == []
+    assert_same_files(reference, out)
+
+
+def test_unit_cuts_do_not_depend_on_parts_and_parts_tile_them(tmp_path):
+    rng = random.Random(0)
+    for trial in range(200):
+        lines = [b"x" * rng.choice([0, 1, 5, 30, 200, 3000]) for _ in range(rng.randint(0, 300))]
+        data = b"\n".join(lines) + (b"\n" if rng.random() < 0.7 else b"")
+        path = tmp_path / f"t{trial}.jsonl"
+        path.write_bytes(data)
+        shard_bytes = rng.choice([1, 7, 100, 1000, 5000, 1 << 20])
+        whole = sources.plan_units([path], shard_bytes)
+        parts = sources.plan_parts([path], shard_bytes, rng.choice([1, 3, 50, 400, shard_bytes]))
+        assert [sources.join_parts(p) for p in parts] == whole, trial
+        flat = [u for p in parts for u in p]
+        assert flat[0].start == 0 and flat[-1].end == len(data)
+        assert all(a.end == b.start > a.start for a, b in zip(flat, flat[1:]))
+        for u in flat:  # each part starts a line, and knows its number
+            assert u.start == 0 or data[u.start - 1] == ord("\n")
+            assert u.first_line == data[: u.start].count(b"\n") + 1
+
+
+def test_writer_batch_and_merge_paths_write_the_same_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    records = [[rng.integers(0, 60_000, rng.integers(0, 9)).tolist() for _ in range(2)]
+               for _ in range(300)]  # fmt: skip
+
+    def written(name: str, fill) -> bytes:
+        w = ShardWriter(tmp_path / name, n_views=2, dtype=np.dtype("<u2"))
+        fill(w)
+        w.close()
+        return (tmp_path / f"{name}.bin").read_bytes() + (tmp_path / f"{name}.idx").read_bytes()
+
+    def one_by_one(w, recs=records):
+        for r in recs:
+            w.add(r)
+
+    def batches(w):
+        for lo in range(0, len(records), 64):
+            recs = records[lo : lo + 64]
+            ids = np.array([t for r in recs for v in r for t in v], dtype=np.uint32)
+            w.add_batch(ids, [[len(v) for v in r] for r in recs])
+
+    reference = written("a", one_by_one)
+    assert written("b", batches) == reference
+    for lo, hi in ((0, 100), (100, 100), (100, 300)):  # the middle part is empty
+        w = ShardWriter(tmp_path / f"part{lo}", n_views=2, dtype=np.dtype("<u2"), fsync=False)
+        one_by_one(w, records[lo:hi])
+        w.close()
+    merged = written("c", lambda w: [w.append_shard(tmp_path / f"part{lo}") for lo in (0, 100)])
+    assert merged == reference
+    r = ShardReader(tmp_path / "c")
+    assert [[v.tolist() for v in r.record(i)] for i in range(len(r))] == records  # CRCs hold
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+    w = ShardWriter(tmp_path / "d", n_views=1, dtype=np.dtype("<u2"))
+    with pytest.raises(ValueError, match="does not fit"):
+        w.add([[70_000]])
+    w.abort()
+
+
+def _parse_with_json(raw: bytes):
+    """The standard library's reading of a JSONL line (what preprocessing did before msgspec)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return ("bad_utf8", f"byte {e.start}")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return ("bad_json", e.msg)
+    if not isinstance(record, dict):
+        return ("bad_record", f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a": 1, "a": 2}', b'{"a": 123456789012345678901234567890}', b'{"a": 1e400}',
+    b'{"a": NaN}', b'{"a": "\\ud800 lone"}', b'{"a": "\\ud83d\\ude00 pair"}', b'{"a": "\xff"}',
+    b'{"a": "\xed\xa0\x80"}', b'\xef\xbb\xbf{"a": 1}', b'{"a": "tab\tin"}', b'{"a":1}{"b":2}',
+    b'[1, 2]', b'"s"', b' {"a": [1.5, -0, true, null]} \r\n', b'{"messages": [ not json',
+    b'{"a": "\\u0000\\/"}', b"",
+])  # fmt: skip
+def test_json_lines_read_as_the_standard_library_reads_them(raw):
+    got = sources._parse_json_line(raw)
+    if isinstance(got, sources.SkipRecord):
+        got = (got.reason, got.detail)
+    expected = _parse_with_json(raw)
+    assert got == expected or (got != got and expected != expected)  # NaN != NaN
+    if isinstance(expected, dict):
+        assert [type(v) for v in got.values()] == [type(v) for v in expected.values()]
+
+
+def test_encoder_gives_the_tokenizers_ids(tokenizer_dir, monkeypatch):
+    from test_tokenizer import ALPHABET, probe_strings
+    from tokenizers import Tokenizer
+
+    texts = probe_strings() + [
+        "".join(random.Random(i).choices(ALPHABET, k=60)) for i in range(300)
+    ]
+    hf = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    hf.encode_special_tokens = True
+    expected = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+
+    def ids_of(encoder) -> list[list[int]]:
+        flat, lengths = encoder(texts)
+        return [a.tolist() for a in np.split(flat, np.cumsum(lengths)[:-1])]
+
+    encoder = pre.Encoder(str(tokenizer_dir / "tokenizer.json"))
+    try:
+        import gigatoken  # noqa: F401
+
+        assert encoder.backend == "gigatoken"  # it agrees on this tokenizer: the fast path is used
+    except ImportError:
+        assert encoder.backend == "tokenizers"
+    assert ids_of(encoder) == expected
+
+    # A fast backend that disagrees, on the probe or on the first batch, is not used.
+    def wrong(self, xs):
+        return np.zeros(0, np.uint32), np.zeros(len(xs), np.int64)
+
+    encoder = pre.Encoder(str(tokenizer_dir / "tokenizer.json"))
+    monkeypatch.setattr(encoder, "_fast_ids", wrong.__get__(encoder))
+    assert ids_of(encoder) == expected and encoder.backend == "tokenizers"
+    monkeypatch.setattr(pre.Encoder, "_fast_ids", wrong)
+    encoder = pre.Encoder(str(tokenizer_dir / "tokenizer.json"))
+    assert encoder.backend == "tokenizers" and ids_of(encoder) == expected
