@@ -47,7 +47,8 @@ def check_folder(folder: Path, split: str, full: bool) -> None:
 class _Source:
     """One shard folder's split: record lookup and its packing rules."""
 
-    def __init__(self, folder: Path, split: str, verify_checksums: bool, verify: bool = True):
+    def __init__(self, folder: Path, split: str, verify_checksums: bool, verify: bool = True,
+                 random_access: bool = False):  # fmt: skip
         if verify:
             check_folder(folder, split, verify_checksums)
         self.folder, self.split = folder, split
@@ -57,7 +58,7 @@ class _Source:
             raise ShardError(f"{folder}: no split {split!r} in the manifest")
         vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
         self.readers = [
-            ShardReader(folder / "shards" / s["name"], vocab_size=vocab_size)
+            ShardReader(folder / "shards" / s["name"], vocab_size, random_access)
             for s in self.manifest["shards"]
             if s["split"] == split and s["records"] > 0
         ]
@@ -123,7 +124,9 @@ class PackedDataset:
             raise ValueError(f"packing_window must be >= 0, got {packing_window}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.sources = [_Source(Path(p), split, verify_checksums, verify) for p in paths]
+        # A shuffled epoch reads one record from a random shard at a time: no readahead.
+        self.sources = [_Source(Path(p), split, verify_checksums, verify, random_access=shuffle)
+                        for p in paths]  # fmt: skip
         hashes = {s.manifest["tokenizer"]["hash"] for s in self.sources}
         if len(hashes) > 1:
             raise ShardError(f"shard folders {paths} were made with different tokenizers")

@@ -294,3 +294,39 @@ def test_best_fit_fills_long_tailed_rows():
     assert sorted(sid for row in rows for sid, _ in row) == list(range(3000))  # each once
     share = sum(len(lay) for row in rows for _, lay in row) / (4096 * len(rows))
     assert share >= 0.97 > greedy.non_padding_fraction
+
+
+def _vm_flags(array: np.ndarray) -> list[str]:
+    """The kernel's flags of the memory map holding `array`'s first byte (/proc/self/smaps)."""
+    address, flags, inside = array.__array_interface__["data"][0], None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and ":" not in head:  # a map's first line: start-end perms offset ...
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            flags = line.split()[1:]
+    assert flags is not None, "no map holds the array"
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc")
+def test_shuffled_reads_advise_the_kernel_of_random_access(bundled_shards):
+    """A shuffled epoch reads one short record from a random shard at a time: its maps carry
+    MADV_RANDOM (VmFlags "rr"), so a page fault reads a page, not the readahead window around it.
+    In-order readers (shuffle=False, the start-up checks' ShardReader) keep readahead."""
+    from data_pipeline.shards import ShardReader
+
+    def flags(reader) -> list[list[str]]:
+        maps = reader._maps()
+        return [_vm_flags(maps.tokens), _vm_flags(maps.offsets)]
+
+    shuffled, in_order = make(bundled_shards), make(bundled_shards, shuffle=False)
+    assert shuffled.next_batch(2) is not None and in_order.next_batch(2) is not None
+    assert all("rr" in f for f in flags(shuffled.sources[0].readers[0]))
+    assert not any("rr" in f for f in flags(in_order.sources[0].readers[0]))
+    plain = ShardReader(bundled_shards / "shards" / "00000.train")
+    assert not any("rr" in f for f in flags(plain))
+    assert [v.tolist() for v in shuffled.sources[0].record(3)] == [
+        v.tolist() for v in plain.record(3)
+    ]
