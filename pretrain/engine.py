@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pretrain import model as model_lib
-from pretrain.config import TrainConfig, precision
+from pretrain.config import ConfigError, TrainConfig, precision
 from pretrain.objective import Objective
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -29,14 +29,29 @@ class SpecialIdsInfo:
     pad: int
 
 
+# transformers config keys that set the shape of weights: an override of one cannot apply to a
+# checkpoint loaded with model.init_from.
+SHAPE_KEYS = frozenset({
+    "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner",
+    "tie_word_embeddings",
+})  # fmt: skip
+
+
 def build_hf_config(cfg: TrainConfig, vocab: SpecialIdsInfo) -> Any:
-    """The transformers config of the run: a size preset from scratch, or init_from's config."""
+    """The transformers config of the run: a size preset from scratch, or init_from's config
+    with model.overrides applied (the model is loaded with it)."""
     m = cfg.model
     if m.init_from:
         from transformers import AutoConfig
 
         hf = AutoConfig.from_pretrained(m.init_from, trust_remote_code=m.trust_remote_code)
         for k, v in m.overrides.items():
+            if k in SHAPE_KEYS and getattr(hf, k, v) != v:
+                raise ConfigError(
+                    f"model.overrides.{k}={v}: {m.init_from} has {k}={getattr(hf, k)}; a "
+                    "checkpoint's shapes cannot be overridden (remove the override)"
+                )
             setattr(hf, k, v)
         return hf
     return model_lib.build_model_config(
@@ -94,6 +109,7 @@ def build_model(cfg: TrainConfig, hf_config: Any, vocab: SpecialIdsInfo) -> torc
     if m.init_from:
         model = model_lib.load_pretrained(
             m.init_from,
+            config=hf_config,
             vocab_size=vocab.vocab_size,
             attn_implementation=m.attn_implementation,
             trust_remote_code=m.trust_remote_code,

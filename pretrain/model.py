@@ -146,8 +146,10 @@ def load_pretrained(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    config: PreTrainedConfig | None = None,
 ) -> torch.nn.Module:
-    """A local Hugging Face checkpoint, with its embeddings grown to the tokenizer's vocab_size
+    """A local Hugging Face checkpoint (with `config` instead of its own, when given: the
+    engine's, with model.overrides applied), with its embeddings grown to the tokenizer's vocab_size
     when tokens (the predictors) were added. A smaller tokenizer is fine when the checkpoint pads
     its vocab (Qwen2: 151,665 tokens, 151,936 embedding rows): embeddings are never shrunk.
 
@@ -161,6 +163,7 @@ def load_pretrained(
         raise FileNotFoundError(f"no local Hugging Face checkpoint directory at {path}")
     model = AutoModelForCausalLM.from_pretrained(
         path,
+        config=config,
         local_files_only=True,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,

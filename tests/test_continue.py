@@ -196,6 +196,26 @@ def test_init_from_checks_read_files_only(extended, checkpoint_a, checkpoint_b, 
         check_init_from(checkpoint_b, tok_b, 0)  # cannot even produce the checkpoint's eos
 
 
+def test_overrides_cannot_reshape_a_checkpoint(checkpoint_a):
+    """model.overrides reach the loaded model; one that would change a weight's shape is refused
+    in one line instead of building a config the checkpoint does not fit (export would fail)."""
+    from pretrain.config import ConfigError, TrainConfig
+    from pretrain.engine import SpecialIdsInfo, build_hf_config
+
+    cfg = TrainConfig()
+    cfg.model.init_from = str(checkpoint_a)
+    ids = SpecialIdsInfo(vocab_size=0, bos=1, eos=2, pad=3)
+    hidden = json.loads((checkpoint_a / "config.json").read_text())["hidden_size"]
+    cfg.model.overrides = {"hidden_size": hidden, "attention_dropout": 0.25}
+    hf = build_hf_config(cfg, ids)
+    assert hf.hidden_size == hidden and hf.attention_dropout == 0.25
+    cfg.model.overrides = {"hidden_size": hidden + 8}
+    with pytest.raises(
+        ConfigError, match=rf"hidden_size={hidden + 8}: .* has hidden_size={hidden}"
+    ):
+        build_hf_config(cfg, ids)
+
+
 # --------------------------------------------------------------------------------------------
 # The weights
 

@@ -77,8 +77,9 @@ def main(
     baseline: str = "lm",
 ) -> dict:
     """Base, then the NL-RX-SYNTH fine-tuning arms, into OUT; see the module docstring.
-    base_overrides: dotted config overrides of the base run (its model size, for one);
-    overrides: of every fine-tuning run (e.g. optim.lr=1e-3)."""
+    base_overrides: dotted config overrides of the base run (its model size, for one), kept by
+    every fine-tuning run (the run's transformers config is the base's with the recipe's
+    model.overrides applied); overrides: of every fine-tuning run (e.g. optim.lr=1e-3)."""
     out_dir = Path(out).resolve()
     nlrx.eval_data(out_dir, split)  # a bad --split fails before any training
     if quick:
@@ -89,7 +90,7 @@ def main(
     print(f"[finetune] base: {hf}", flush=True)
     summary = nlrx.main(
         out=str(out_dir), grid=grid, seeds=seeds, steps=steps, limit=limit, parallel=parallel,
-        quick=quick, overrides=overrides, split=split, baseline=baseline,
+        quick=quick, overrides=f"{base_overrides} {overrides}", split=split, baseline=baseline,
         tokenizer=str(out_dir / "tokenizer"), init_from=str(hf),
     )  # fmt: skip
     base_eval = nlrx._metrics(out_dir / "base", "eval")
