@@ -631,17 +631,21 @@ def _init_worker() -> None:
 def _run_units(todo, units, parts, settings, tokenizer_json, out_dir, strict, num_workers,
                progress, n_done):  # fmt: skip
     """Runs the parts of the units `todo` on num_workers processes, and merges each unit's parts
-    as soon as they are all done (here, while the workers go on)."""
+    as soon as they are all done (here, while the workers go on). One worker takes whole units:
+    the same bytes, without the parts' files and the copy that merges them."""
     from tqdm import tqdm
 
     shard_dir = out_dir / "shards"
     jobs = []
     for i in todo:
         _discard_unit(shard_dir, i)  # what an unfinished earlier run left of it
-        whole = len(parts[i]) == 1
-        jobs.extend((i, None if whole else p, part, settings, tokenizer_json, str(out_dir), strict)
+        if num_workers == 1 or len(parts[i]) == 1:
+            jobs.append((i, None, units[i], settings, tokenizer_json, str(out_dir), strict))
+            continue
+        jobs.extend((i, p, part, settings, tokenizer_json, str(out_dir), strict)
                     for p, part in enumerate(parts[i]))  # fmt: skip
-    bar = tqdm(total=len(jobs), unit="part", disable=not progress, desc="preprocess",
+    bar = tqdm(total=len(jobs), unit="part" if len(jobs) > len(todo) else "shard",
+               disable=not progress, desc="preprocess",
                initial=0, dynamic_ncols=True)  # fmt: skip
     if n_done:
         bar.write(f"[preprocess] {n_done} finished shards found, skipped")

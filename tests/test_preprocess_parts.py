@@ -130,6 +130,33 @@ def test_parts_left_by_a_killed_run_are_redone(tmp_path, tokenizer_dir, monkeypa
     assert_same_files(reference, out)
 
 
+def test_full_disk_while_merging_parts(tmp_path, tokenizer_dir, monkeypatch, capsys, mixed_input):
+    """The disk fills up while the driver merges a unit's parts (written by the workers)."""
+    from test_preprocess import _FullDisk
+
+    from data_pipeline import shards as shard_io
+
+    parts_of(monkeypatch, 20_000)
+
+    def preprocess_cli(out: Path, disk: _FullDisk) -> int:
+        monkeypatch.setattr(shard_io, "open", disk, raising=False)  # this process: the merges
+        return pre.main(["--inputs", str(mixed_input), "--views", "messages", "--tokenizer",
+                         str(tokenizer_dir), "--out", str(out), "--shard_bytes", "700000",
+                         "--num_workers", "2", "--progress", "False"])  # fmt: skip
+
+    clean = _FullDisk(float("inf"))
+    assert preprocess_cli(tmp_path / "clean", clean) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert preprocess_cli(out, _FullDisk(clean.written // 2)) == 1
+    assert capsys.readouterr().err == f"error: no space left on device: {out / 'shards'}\n"
+    assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
+    for p in (out / "shards").iterdir():  # only units that are complete are left
+        assert pre.unit_is_done(out, int(p.name[:5])) is not None, p
+    assert preprocess_cli(out, _FullDisk(float("inf"))) == 0
+    assert_same_files(tmp_path / "clean", out)
+
+
 def test_unit_cuts_do_not_depend_on_parts_and_parts_tile_them(tmp_path):
     rng = random.Random(0)
     for trial in range(200):
