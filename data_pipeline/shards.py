@@ -313,10 +313,13 @@ class ShardReader:
 
     vocab_size: token ids must lie below it; checked at open against the index's largest id
     (format 2) or, for format 1 indexes, over each record as it is read.
-    random_access: records are read in a random order (the dataset's shuffle); the maps are
-    advised so (MADV_RANDOM): a page fault then reads that page, not the readahead window
+    random_access: records are read in a random order (the dataset's shuffle); the .bin's map
+    is advised so (MADV_RANDOM): a page fault then reads that page, not the readahead window
     around it (up to read_ahead_kb: ~110 KB from disk per 68-byte record measured at 10^8
-    records). In-order readers (verification, checksums, merging) keep readahead."""
+    records). The .idx keeps readahead: a record's entry lies in three columns (offsets,
+    lengths, CRCs), so page by page it costs three faults per record read cold (2.6 against
+    0.9 measured), and it is small (20 bytes a record) and read whole by the start-up checks.
+    In-order readers (verification, checksums, merging) keep readahead."""
 
     def __init__(
         self, prefix: str | os.PathLike, vocab_size: int | None = None, random_access: bool = False
@@ -394,7 +397,7 @@ class ShardReader:
         data = _map_file(f"{self.prefix}.bin", self.random_access)
         tokens = data[HEADER_BYTES : HEADER_BYTES + self.n_tokens * self.dtype.itemsize]
         tokens = tokens.view(self.dtype)
-        idx = _map_file(f"{self.prefix}.idx", self.random_access)
+        idx = _map_file(f"{self.prefix}.idx", random_access=False)  # see the class docstring
         idx = idx[IDX_HEADER_BYTES[self.index_version] :]
         off_bytes, len_bytes = self.n_records * 8, self.n_records * 4 * self.n_views
         lengths = idx[off_bytes : off_bytes + len_bytes].view("<u4")
