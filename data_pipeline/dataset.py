@@ -57,8 +57,15 @@ class _Source:
         if split not in self.manifest["splits"]:
             raise ShardError(f"{folder}: no split {split!r} in the manifest")
         vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
+        settings = self.manifest["settings"]
+        n_views, dtype = len(settings["views"]["names"]), np.dtype(settings["dtype"])
+        # Counts from the manifest: a shard's files are first touched when one of its records is
+        # read, and their headers checked then (every rank reading every header at start is
+        # W x S x 7 metadata calls on a shared file system).
         self.readers = [
-            ShardReader(folder / "shards" / s["name"], vocab_size, random_access)
+            ShardReader.from_manifest(
+                folder / "shards" / s["name"], s, n_views, dtype, vocab_size, random_access
+            )
             for s in self.manifest["shards"]
             if s["split"] == split and s["records"] > 0
         ]
@@ -69,7 +76,6 @@ class _Source:
                   "data.verify_checksums=true; preprocess into a new folder to add them",
                   file=sys.stderr, flush=True)  # fmt: skip
         self.bounds = np.cumsum([0] + [len(r) for r in self.readers])
-        settings = self.manifest["settings"]
         self.lm_views = tuple(settings["lm_views"])
         self.lm_loss_views = tuple(settings["lm_loss_views"])
 

@@ -233,3 +233,58 @@ def test_a_changed_token_stops_training_with_one_line(folder, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {folder}/shards/0000") and ".train.bin: record " in last, last
     assert "does not match its CRC32" in last and "Traceback" not in proc.stderr
+
+
+def _bad_bin_magic(folder: Path) -> None:
+    path = folder / "shards" / f"{SHARD}.bin"
+    path.write_bytes(b"XXXX" + path.read_bytes()[4:])
+
+
+def _truncated_idx(folder: Path) -> None:
+    path = folder / "shards" / f"{SHARD}.idx"
+    path.write_bytes(path.read_bytes()[:-4])
+
+
+def _no_shard_files(folder: Path) -> None:
+    for path in (folder / "shards").iterdir():
+        path.unlink()
+
+
+def _manifest_count(folder: Path) -> None:
+    manifest = manifest_of(folder)
+    manifest["shards"][0]["tokens"] += 1
+    write_manifest(folder, manifest)
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (_bad_bin_magic, rf"{SHARD}\.bin: bad magic b'XXXX"),
+        (_truncated_idx, rf"{SHARD}\.idx: size \d+ bytes, header promises \d+: truncated"),
+        (_no_shard_files, rf"{SHARD}\.bin: file is missing"),
+        (
+            _manifest_count,
+            rf"{SHARD}: holds \d+ records / (\d+) tokens / 2 views of uint16 "
+            r"\(index format 2\), manifest says \d+ / (?!\1)\d+ / 2 of uint16",
+        ),
+        (
+            lambda f: rewrite_shard(f, SHARD, _with_id_beyond_vocab),
+            rf"{SHARD}\.idx: token ids up to {VOCAB}, but the vocabulary has {VOCAB} tokens",
+        ),
+    ],
+    ids=["bin_magic", "idx_truncated", "files_gone", "manifest_count", "id_beyond_vocab"],
+)
+def test_without_start_up_checks_a_bad_header_is_refused_at_the_first_read(folder, damage,
+                                                                            expected):  # fmt: skip
+    """Ranks build their datasets with verify=False (check_data_once checked the folder once):
+    counts come from the manifest and no shard file is opened (even with every shard gone);
+    the first read of a shard checks its headers, in the one line the checks would give."""
+    assert manifest_of(folder)["shards"][0]["name"] == SHARD
+    damage(folder)
+    ds = make(folder, verify=False)
+    assert len(ds.sources[0]) == 7595
+    with pytest.raises(ShardError, match=rf"^{folder}/shards/{expected}"):
+        ds.sources[0].record(0)  # its first record
+    if damage is not _manifest_count:  # the start-up checks name the same problem
+        with pytest.raises(ShardError, match=expected):
+            make(folder)
