@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline import packing
+from data_pipeline import packing, verify
 from data_pipeline.order import EpochOrder, RankPart
 from data_pipeline.shards import ShardError, ShardReader
 from data_pipeline.verify import load_manifest, manifest_hash, verify_folder
@@ -42,6 +42,77 @@ def check_folder(folder: Path, split: str, full: bool) -> None:
     problems = verify_folder(folder, full=full, leftovers=False, split=split)
     if problems:
         raise ShardError(f"{folder}: " + "; ".join(problems))
+
+
+CheckUnit = tuple[Path, str, bool]  # (shard folder, split, full): one check_folder call
+
+
+def check_share(units: Sequence[CheckUnit], rank: int, world_size: int) -> list[dict]:
+    """This rank's share of check_folder's work over `units`: every world_size-th shard, counted
+    over all units in order (rank 0 also each manifest's totals and the tokenizer). Only
+    problems are kept: per unit {"manifest": message} or {"head", "shards": {shard number:
+    problems}, "tail"}, where an OSError that stopped a check is its message in place of a
+    list. first_check_error merges the shares of all ranks."""
+    out, k, manifests = [], 0, {}
+    for folder, split, full in units:
+        if folder not in manifests:  # once per folder (both splits): ∝ shards to parse
+            try:
+                manifests[folder] = load_manifest(folder)
+            except ShardError as e:  # every rank reads the same file: the same outcome
+                manifests[folder] = {"manifest": [str(e)]}
+            except OSError as e:
+                manifests[folder] = {"manifest": str(e)}
+        manifest = manifests[folder]
+        if "manifest" in manifest:  # it could not be read
+            out.append(manifest)
+            continue
+        n_views = len(manifest["settings"]["views"]["names"])
+        vocab_size = int(manifest["tokenizer"]["vocab_size"])
+        share: dict = {"shards": {}}
+        if rank == 0:
+            share["head"] = _problems(verify._verify_totals, folder, manifest)
+        for s in manifest["shards"]:
+            if s["split"] != split:
+                continue
+            if k % world_size == rank:
+                prefix = folder / "shards" / s["name"]
+                found = _problems(verify._verify_shard, prefix, s, n_views, vocab_size, full)
+                if found:
+                    share["shards"][k] = found
+            k += 1
+        if rank == 0:
+            share["tail"] = _problems(verify._verify_tokenizer, folder, manifest, full)
+        out.append(share)
+    return out
+
+
+def _problems(check, *args) -> list[str] | str:
+    """A check's problems, or the message of the OSError that stopped it."""
+    try:
+        return check(*args)
+    except OSError as e:
+        return str(e)
+
+
+def first_check_error(units: Sequence[CheckUnit], shares: Sequence[list[dict]]) -> str | None:
+    """From every rank's check_share: the error of the first unit with a problem, as one process
+    gets it from check_folder (every problem of that folder's split in one line, or the OSError
+    that stopped its checks); None when all are sound."""
+    for u, (folder, _, _) in enumerate(units):
+        parts = [share[u] for share in shares]
+        if "manifest" in parts[0]:
+            results = [parts[0]["manifest"]]
+        else:
+            shards = {k: found for part in parts for k, found in part["shards"].items()}
+            results = [parts[0]["head"], *(shards[k] for k in sorted(shards)), parts[0]["tail"]]
+        problems = []
+        for found in results:
+            if isinstance(found, str):
+                return found  # an OSError: the checks stopped there
+            problems += found
+        if problems:
+            return f"{folder}: " + "; ".join(problems)
+    return None
 
 
 class _Source:

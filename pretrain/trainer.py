@@ -49,6 +49,7 @@ from pretrain.distributed import (
     get_rank,
     get_world_size,
     init_distributed,
+    is_initialized,
     print0,
 )
 from pretrain.engine import SpecialIdsInfo, build_engine, save_json, setup_warnings
@@ -149,21 +150,18 @@ class StepResult:
 
 
 def check_data_once(cfg: TrainConfig) -> None:
-    """Rank 0 runs the shard folders' start-up checks (both splits) for every rank, which then
-    build their datasets without repeating them; all ranks raise the same one-line error."""
-    from data_pipeline.dataset import check_folder
+    """The shard folders' start-up checks (both splits), once for all ranks and shared among them:
+    each rank checks every W-th shard (data_pipeline.dataset.check_share), the outcomes are
+    gathered, and every rank raises the same one-line error: the first folder with a problem, as
+    one process checking alone reports it. The ranks then build their datasets without them."""
+    from data_pipeline.dataset import check_share, first_check_error
     from data_pipeline.shards import ShardError
 
-    error = None
-    if get_rank() == 0:
-        try:
-            for p in cfg.data.paths:
-                for split in ("train", "val"):
-                    full = cfg.data.verify_checksums and split == "train"
-                    check_folder(resolve_path(p), split, full)
-        except (ShardError, OSError) as e:
-            error = str(e)
-    error = broadcast_object(error)
+    units = [(resolve_path(p), split, cfg.data.verify_checksums and split == "train")
+             for p in cfg.data.paths for split in ("train", "val")]  # fmt: skip
+    # Without a process group this process checks everything (all_gather_object gives its own).
+    rank, world = (get_rank(), get_world_size()) if is_initialized() else (0, 1)
+    error = first_check_error(units, all_gather_object(check_share(units, rank, world)))
     if error is not None:
         raise ShardError(error)
 

@@ -331,3 +331,47 @@ def test_shuffled_reads_advise_the_kernel_of_random_access(bundled_shards):
     assert [v.tolist() for v in shuffled.sources[0].record(3)] == [
         v.tolist() for v in plain.record(3)
     ]
+
+
+def test_shared_start_up_checks_give_every_rank_the_one_process_error(bundled_shards, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    """check_data_once shares the checks among the ranks (dataset.check_share: every W-th shard
+    over the folders' splits in order) and merges them (first_check_error): each shard is checked
+    by one rank, and the error is the one a single process checking alone raises (check_folder:
+    the first folder with a problem, all its problems in shard order, or the OSError that
+    stopped its checks). Two ranks over gloo: tests/test_signals.py, the user-error test."""
+    from data_pipeline import verify
+    from data_pipeline.dataset import check_folder, check_share, first_check_error
+
+    folder = Path(shutil.copytree(bundled_shards, tmp_path / "c"))
+    for name in ("00001.train.idx", "00002.train.bin", "00004.train.idx", "00000.val.idx"):
+        victim = folder / "shards" / name  # shards 1, 2, 4 of the train split; its val split
+        victim.write_bytes(victim.read_bytes()[:-2])
+    units = [(bundled_shards, s, False) for s in ("train", "val")]
+    units += [(folder, s, False) for s in ("train", "val")]
+    with pytest.raises(ShardError) as alone:
+        check_folder(folder, "train", False)
+    assert str(alone.value).count("truncated") == 3  # the val split's is not reached
+
+    real, checked = verify._verify_shard, []
+    fail_at = {"prefix": None}
+
+    def counted(prefix, *args):
+        checked.append(prefix.name)
+        if prefix == fail_at["prefix"]:
+            raise OSError(f"{prefix}: read error")
+        return real(prefix, *args)
+
+    monkeypatch.setattr(verify, "_verify_shard", counted)
+    for world in (1, 2, 3):
+        checked.clear()
+        shares = [check_share(units, rank, world) for rank in range(world)]
+        assert first_check_error(units, shares) == str(alone.value)
+        assert sorted(checked) == sorted(2 * [f"{i:05d}.{s}" for i in range(6)
+                                              for s in ("train", "val")])  # fmt: skip
+        assert first_check_error(units[:2], [share[:2] for share in shares]) is None  # sound
+        # The OSError that stops one process's checks (after shard 1's problem) stops theirs.
+        fail_at["prefix"] = folder / "shards" / "00003.train"
+        shares = [check_share(units, rank, world) for rank in range(world)]
+        assert first_check_error(units, shares) == f"{folder}/shards/00003.train: read error"
+        fail_at["prefix"] = None

@@ -4,6 +4,7 @@ save a checkpoint and exit 75, and the command returns only once the checkpoint 
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,18 +121,24 @@ def test_stop_requested_before_the_first_step(bundled_shards, tmp_path):
 
 @pytest.mark.parametrize(
     "launcher,error",
-    [("launch", "data"), ("deepspeed", "data"), ("torchrun", "data"), ("deepspeed", "config")],
+    [("launch", "shard"), ("deepspeed", "data"), ("torchrun", "data"), ("deepspeed", "config")],
 )
-def test_a_user_error_is_printed_once_per_launcher(tmp_path, launcher, error):
-    """Before: once per rank under every launcher."""
-    bad = {"data": f"data.paths=[{tmp_path / 'missing'}]",
+def test_a_user_error_is_printed_once_per_launcher(bundled_shards, tmp_path, launcher, error):
+    """Before: once per rank under every launcher. "shard": a damaged shard that only rank 1
+    checks (the start-up checks are shared among the ranks): rank 0 raises the same line."""
+    if error == "shard":
+        folder = shutil.copytree(bundled_shards, tmp_path / "shards")
+        victim = folder / "shards" / "00001.train.idx"  # the 2nd shard: rank 1's share of 2
+        victim.write_bytes(victim.read_bytes()[:-2])
+    bad = {"data": f"data.paths=[{tmp_path / 'missing'}]", "shard": f"data.paths=[{tmp_path / 'shards'}]",
            "config": f"deepspeed_config={tmp_path / 'missing.json'}"}[error]  # fmt: skip
     res = launch([bad, f"run_dir={tmp_path / 'run'}"], launcher=launcher, check=False)
     assert res.returncode == (1 if launcher == "torchrun" else 2), (
         res.stderr
     )  # torchrun: any failure is 1
     errors = [line for line in res.stderr.splitlines() if "error: " in line]
-    assert len(errors) == 1 and "missing" in errors[0], res.stderr
+    named = "00001.train.idx: size" if error == "shard" else "missing"
+    assert len(errors) == 1 and named in errors[0], res.stderr
     if (
         launcher != "torchrun"
     ):  # torchrun prints its own traceback (ChildFailedError) for any failure
