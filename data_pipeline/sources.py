@@ -118,7 +118,7 @@ def plan_parts(paths: list[Path], shard_bytes: int, part_bytes: int) -> list[lis
     `part_bytes` (≤ shard_bytes) of raw input, so that workers can share a unit. The units do not
     depend on part_bytes: a JSONL unit ends at the first line start at or after each multiple of
     shard_bytes whatever the parts inside it. Compressed files are one part (a stream cannot
-    seek); Parquet parts are runs of row groups."""
+    seek); Parquet parts are runs of row groups. A JSONL file smaller than one part is not read."""
     part_bytes = max(1, min(part_bytes, shard_bytes))
     units: list[list[Unit]] = []
     for path in paths:
@@ -176,10 +176,10 @@ def _plan_jsonl(path: Path, shard_bytes: int, part_bytes: int) -> list[list[Unit
     start, line, next_unit = 0, 1, shard_bytes
     with open(path, "rb") as f:
         starts = _LineStarts(f)
-        while (found := starts.at_or_after(min(next_unit, start + part_bytes))) is not None:
-            cut, cut_line = found
-            if cut >= size:
+        while (target := min(next_unit, start + part_bytes)) < size:  # (no read for one unit)
+            if (found := starts.at_or_after(target)) is None or found[0] >= size:
                 break
+            cut, cut_line = found
             parts.append(Unit(str(path), "jsonl", start, cut, line))
             start, line = cut, cut_line
             if cut >= next_unit:
