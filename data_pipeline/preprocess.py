@@ -694,6 +694,30 @@ def _summarize(manifest: dict, out: str) -> None:
         print(f"[preprocess]   skipped {ex}")
 
 
+def _cli_args(argv: list[str]) -> list[str]:
+    """`--inputs a.jsonl b.jsonl --views …` as the tokenizer command takes it: the values after
+    --inputs up to the next flag become one comma-separated value. Any other bare word is an
+    error (fire would pass it to the next parameter: `--max_record_tokens b.jsonl`)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--inputs":
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            out += [arg, ",".join(argv[i + 1 : j])] if j > i + 1 else [arg]
+            i = j
+            continue
+        if not arg.startswith("-"):
+            raise InputError(f"unexpected argument {arg!r}: every option is a --flag VALUE pair")
+        out.append(arg)
+        if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(argv[i + 1])
+            i += 1
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import functools
 
@@ -706,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
             _summarize(manifest, str(kwargs.get("out", args[3] if len(args) > 3 else "")))
 
     try:
-        fire.Fire(run, command=argv, name="data_pipeline.preprocess")
+        command = _cli_args(sys.argv[1:] if argv is None else list(argv))
+        fire.Fire(run, command=command, name="data_pipeline.preprocess")
     except (InputError, StrictError, shard_io.ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -540,3 +540,25 @@ def test_an_array_plans_once_for_all_its_tasks(tmp_path, tokenizer_dir):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "its task is gone; planning here" in proc.stderr, proc.stderr
     assert log.read_text() == "planned\nplanned\n"
+
+
+def test_cli_takes_several_inputs_after_one_flag_and_refuses_a_stray_word(
+    tmp_path, tokenizer_dir, capsys
+):
+    """`--inputs a b` as the tokenizer command takes it. Before: fire passed `b` to the next
+    parameter (max_record_tokens) and the first batch died with a TypeError traceback."""
+    from data_pipeline.preprocess import main
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    lines = (BUNDLED / "test.jsonl").read_text().splitlines(keepends=True)
+    a.write_text("".join(lines[:30]))
+    b.write_text("".join(lines[30:50]))
+    flags = ["--views", "messages", "--tokenizer", str(tokenizer_dir), "--progress", "False"]
+    assert main(["--inputs", str(a), str(b), "--out", str(tmp_path / "o"), *flags]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["input_records"] == 50 and len(manifest["inputs"]) == 2
+    capsys.readouterr()
+    assert main(["--inputs", str(a), "--out", str(tmp_path / "p"), "stray", *flags]) == 2
+    assert capsys.readouterr().err == (
+        "error: unexpected argument 'stray': every option is a --flag VALUE pair\n"
+    )
