@@ -202,13 +202,6 @@ def _record_crcs(tokens: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype="<u4")
 
 
-def read_header(
-    path: str | os.PathLike, magic: bytes, versions: tuple[int, ...]
-) -> tuple[int, int, int, int, int]:
-    """Returns (version, code, count_a, count_b, file_size) after checking magic and version."""
-    return check_header(path, *_read_head(path), magic, versions)
-
-
 def _read_head(path: str | os.PathLike) -> tuple[bytes, int]:
     """A file's first bytes (enough for either header) and its size: one open, one fstat."""
     try:
@@ -221,10 +214,11 @@ def _read_head(path: str | os.PathLike) -> tuple[bytes, int]:
         os.close(fd)
 
 
-def check_header(
+def _check_header(
     path: str | os.PathLike, head: bytes, size: int, magic: bytes, versions: tuple[int, ...]
-) -> tuple[int, int, int, int, int]:
-    """read_header's checks on a file's first bytes and its size (read or mapped)."""
+) -> tuple[int, int, int, int]:
+    """(version, code, count_a, count_b) from a file's first bytes and its size (read or mapped),
+    after checking the size, magic and version."""
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: truncated ({size} bytes, header needs {HEADER_BYTES})")
     got_magic, version, code, a, b = _HEADER.unpack_from(head)
@@ -232,7 +226,7 @@ def check_header(
         raise ShardError(f"{path}: bad magic {got_magic!r}, expected {magic!r}")
     if version not in versions:
         raise ShardError(f"{path}: format version {version}, this reader knows {versions}")
-    return version, code, a, b, size
+    return version, code, a, b
 
 
 # Open shards per process, whatever the number of shards: the least recently read is closed when
@@ -334,7 +328,7 @@ def _index_bytes(version: int, n_records: int, n_views: int) -> int:
 
 def _check_bin(prefix: Path, head: bytes, size: int) -> tuple[np.dtype, int]:
     """The .bin's header against its size: (dtype, tokens)."""
-    _, code, n_tokens, _, _ = check_header(f"{prefix}.bin", head, size, BIN_MAGIC, (1,))
+    _, code, n_tokens, _ = _check_header(f"{prefix}.bin", head, size, BIN_MAGIC, (1,))
     if code not in DTYPE_CODES:
         raise ShardError(f"{prefix}.bin: unknown dtype code {code}")
     dtype = DTYPE_CODES[code]
@@ -349,7 +343,7 @@ def _check_bin(prefix: Path, head: bytes, size: int) -> tuple[np.dtype, int]:
 
 def _check_idx(prefix: Path, head: bytes, size: int, dtype: np.dtype, n_tokens: int) -> _Layout:
     """The .idx's header against its size and the .bin's token count."""
-    version, n_views, n_records, idx_tokens, _ = check_header(
+    version, n_views, n_records, idx_tokens = _check_header(
         f"{prefix}.idx", head, size, IDX_MAGIC, tuple(IDX_HEADER_BYTES)
     )
     expected = _index_bytes(version, n_records, n_views)
@@ -375,8 +369,8 @@ class _Maps(NamedTuple):
 class ShardReader:
     """Read-only view of one shard. Memory maps are opened lazily, so instances pickle cheaply,
     and at most open_readers_limit() shards hold them at a time (least recently read closed
-    first). Opening reads the headers only; `check_index` reads the whole index, `record` one
-    record.
+    first). The constructor reads and checks both headers (`from_manifest` defers that to the
+    first map open); `check_index` reads the whole index, `record` one record.
 
     vocab_size: token ids must lie below it; checked at open against the index's largest id
     (format 2) or, for format 1 indexes, over each record as it is read.
@@ -408,7 +402,7 @@ class ShardReader:
         the index format follows from idx_bytes), dtype and views the manifest's settings. Its
         headers are read and checked, as the constructor checks them and against these counts,
         when its maps first open: a one-line ShardError naming the file. (Reading every header
-        at start cost each rank 3 opens and 4 stats per shard: at 10^9 records on 1,000 ranks,
+        at start cost each rank 3 opens and 7 stats per shard: at 10^9 records on 1,000 ranks,
         ~10^9 metadata calls on a shared file system.)"""
         self = cls.__new__(cls)
         self.prefix = Path(prefix)
@@ -441,7 +435,7 @@ class ShardReader:
         said = self._layout()
         dtype, n_tokens = _check_bin(self.prefix, bytes(data[:_HEAD_BYTES]), data.size)
         held = _check_idx(self.prefix, bytes(idx[:_HEAD_BYTES]), idx.size, dtype, n_tokens)
-        if held[:5] != said[:5]:
+        if held[:5] != said[:5]:  # all but max_token_id, which the manifest does not hold
             raise ShardError(
                 f"{self.prefix}: holds {held.n_records} records / {held.n_tokens} tokens / "
                 f"{held.n_views} views of {held.dtype} (index format {held.index_version}), "
