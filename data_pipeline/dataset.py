@@ -17,6 +17,7 @@ already taken from the *next* epoch are seen again in that case (see data_pipeli
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,6 +116,14 @@ def first_check_error(units: Sequence[CheckUnit], shares: Sequence[list[dict]]) 
     return None
 
 
+def physical_memory() -> int:
+    """Bytes of RAM (the page cache's ceiling); 0 where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class _Source:
     """One shard folder's split: record lookup and its packing rules."""
 
@@ -152,6 +161,15 @@ class _Source:
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
+
+    @property
+    def bin_bytes(self) -> int:
+        """Bytes of this split's token files (the manifest's sizes)."""
+        return sum(
+            int(s["bin_bytes"])
+            for s in self.manifest["shards"]
+            if s["split"] == self.split and s["records"] > 0
+        )
 
     @property
     def tokens(self) -> int:
@@ -201,9 +219,16 @@ class PackedDataset:
             raise ValueError(f"packing_window must be >= 0, got {packing_window}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        # A shuffled epoch reads one record from a random shard at a time: no readahead.
-        self.sources = [_Source(Path(p), split, verify_checksums, verify, random_access=shuffle)
-                        for p in paths]  # fmt: skip
+        self.sources = [_Source(Path(p), split, verify_checksums, verify) for p in paths]
+        # A shuffled epoch reads one record from a random shard at a time. Readahead fills the
+        # page cache with the record's neighbours: wasted reads (~110 KB per short record at
+        # 10^8 records) once the data outgrows memory, but a preload while it fits (1.5x faster
+        # per record once cached). Random access is advised only for the former. No map is
+        # open yet: the readers map their files at their first record.
+        if shuffle and sum(s.bin_bytes for s in self.sources) > physical_memory() // 2:
+            for source in self.sources:
+                for reader in source.readers:
+                    reader.random_access = True
         hashes = {s.manifest["tokenizer"]["hash"] for s in self.sources}
         if len(hashes) > 1:
             raise ShardError(f"shard folders {paths} were made with different tokenizers")

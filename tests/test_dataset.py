@@ -311,17 +311,23 @@ def _vm_flags(array: np.ndarray) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc")
-def test_shuffled_reads_advise_the_kernel_of_random_access(bundled_shards):
-    """A shuffled epoch reads one short record from a random shard at a time: its token maps
-    carry MADV_RANDOM (VmFlags "rr"), so a page fault reads a page, not the readahead window
-    around it; its index maps keep readahead (a record's entry spans three columns). In-order
-    readers (shuffle=False, the start-up checks' ShardReader) keep readahead."""
+def test_shuffled_reads_advise_the_kernel_of_random_access(bundled_shards, monkeypatch):
+    """A shuffled epoch over data larger than half the memory reads one short record from a
+    random shard at a time: its token maps carry MADV_RANDOM (VmFlags "rr"), so a page fault
+    reads a page, not the readahead window around it; its index maps keep readahead (a record's
+    entry spans three columns). Data that fits keeps readahead (a preload once cached), and so do
+    in-order readers (shuffle=False, the start-up checks' ShardReader)."""
+    from data_pipeline import dataset
     from data_pipeline.shards import ShardReader
 
     def flags(reader) -> list[list[str]]:
         maps = reader._maps()
         return [_vm_flags(maps.tokens), _vm_flags(maps.offsets)]
 
+    fits = make(bundled_shards)
+    assert fits.next_batch(2) is not None and dataset.physical_memory() > 2 * 10**8
+    assert not any("rr" in f for f in flags(fits.sources[0].readers[0]))
+    monkeypatch.setattr(dataset, "physical_memory", lambda: 2 * fits.sources[0].bin_bytes - 2)
     shuffled, in_order = make(bundled_shards), make(bundled_shards, shuffle=False)
     assert shuffled.next_batch(2) is not None and in_order.next_batch(2) is not None
     assert ["rr" in f for f in flags(shuffled.sources[0].readers[0])] == [True, False]
