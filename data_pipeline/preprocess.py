@@ -568,7 +568,7 @@ def preprocess(
     system_prompt: str = "drop",
     lm_views="all",
     lm_loss_views="all",
-    shard_bytes: int = 64 << 20,
+    shard_bytes: int = 512 << 20,
     shard_index: int = 0,
     shard_count: int = 1,
     progress: bool = True,
