@@ -38,8 +38,9 @@ from data_pipeline.sources import (
     Unit,
     ViewSpec,
     expand_inputs,
-    iter_unit,
+    iter_records,
     join_parts,
+    line_number_at,
     plan_parts,
 )
 
@@ -192,17 +193,19 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
     n_views = len(settings.views.names)
     writers: dict[str, shard_io.ShardWriter] = {}
     skipped: Counter = Counter()
-    examples: list[tuple[int, str]] = []  # (record number, text): the first few in input order
+    # (record number, line or row index, "reason: detail"): the first few in input order
+    examples: list[tuple[int, int, str]] = []
     damaged: list[str] = []  # every file whose rest could not be read, whatever the count above
     input_records = 0
 
-    def skip(location: str, err: SkipRecord, number: int) -> None:
+    def skip(index: int, err: SkipRecord, number: int) -> None:
         if strict:
-            raise StrictError(err.describe(location))
+            first = unit.first_line or line_number_at(unit.path, unit.start)  # (it stops the run)
+            raise StrictError(err.describe(unit.where(index, first)))
         skipped[err.reason] += 1
-        examples.append((number, err.describe(location)))
-        if err.ends_file:
-            damaged.append(err.describe(location))
+        examples.append((number, index, f"{err.reason}: {err.detail}"))
+        if err.ends_file:  # (compressed files: one unit, numbered from line 1)
+            damaged.append(err.describe(unit.where(index)))
         if len(examples) > 4 * MAX_SKIP_EXAMPLES:  # too_long is found later, in batches
             examples[:] = sorted(examples)[:MAX_SKIP_EXAMPLES]
 
@@ -215,12 +218,12 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
         too_long = sizes > settings.max_record_tokens
         empty = (lengths == 0).any(axis=1) & ~too_long
         for i in np.flatnonzero(too_long | empty).tolist():
-            number, location = pending[i][:2]
+            number, index = pending[i][:2]
             if too_long[i]:
                 reason = SkipRecord("too_long", f"{sizes[i]} tokens > {settings.max_record_tokens}")
             else:
                 reason = SkipRecord("empty_view", "a view has no tokens")
-            skip(location, reason, number)
+            skip(index, reason, number)
         keep = ~(too_long | empty)
         val = np.fromiter((v for *_, v in pending), bool, len(pending))
         for split, records in (("train", keep & ~val), ("val", keep & val)):
@@ -237,21 +240,27 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
             writers[s] = shard_io.ShardWriter(prefix, n_views, dtype, fsync=part is None)
         pending: list[tuple[int, str, list[str], bool]] = []
         extract, val_fraction = settings.views.extract, settings.val_fraction
-        for location, record in iter_unit(unit):
+        records = iter_records(unit)
+        while True:
+            try:
+                index, record = next(records)
+            except StopIteration as end:
+                lines = end.value
+                break
             input_records += 1
             if isinstance(record, SkipRecord):
-                skip(location, record, input_records)
+                skip(index, record, input_records)
                 continue
             try:
                 views = extract(record)
             except SkipRecord as err:
-                skip(location, err, input_records)
+                skip(index, err, input_records)
                 continue
-            pending.append((input_records, location, views, is_validation(views, val_fraction)))
+            pending.append((input_records, index, views, is_validation(views, val_fraction)))
             if len(pending) >= ENCODE_BATCH:
                 flush(pending)
         flush(pending)
-        meta = {"input_records": input_records, "skipped": dict(skipped),
+        meta = {"input_records": input_records, "lines": lines, "skipped": dict(skipped),
                 "examples": sorted(examples)[:MAX_SKIP_EXAMPLES], "damaged_files": damaged}  # fmt: skip
         if part is not None:
             for w in writers.values():
@@ -269,17 +278,41 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
 
 
 def _unit_meta(unit: Unit, parts: list[dict]) -> dict:
-    """A unit's metadata from its parts': record numbers in skip examples count from the unit's
-    start, so the first examples are the unit's first, whatever its parts."""
-    skipped, examples, damaged, records = Counter(), [], [], 0
+    """A unit's metadata from its parts': record numbers and line indices in skip examples count
+    from the unit's start, so the first examples are the unit's first, whatever its parts. Skip
+    examples are `location: reason: detail`, or [line index, "reason: detail"] while the unit's
+    first line is unknown (resolve_lines numbers them)."""
+    skipped, examples, damaged, records, lines = Counter(), [], [], 0, 0
+    rows = unit.kind in ("parquet", "hf_disk")  # (indices are rows of the file, not lines)
     for meta in parts:
         skipped.update(meta["skipped"])
-        examples.extend((records + n, text) for n, text in meta["examples"])
+        examples.extend((records + n, i if rows else lines + i, text)
+                        for n, i, text in meta["examples"])  # fmt: skip
         damaged.extend(meta["damaged_files"])
         records += meta["input_records"]
-    return {"unit": unit.to_dict(), "input_records": records, "skipped": dict(skipped),
-            "skip_examples": [e for _, e in sorted(examples)[:MAX_SKIP_EXAMPLES]],
+        lines += meta["lines"]
+    first = sorted(examples)[:MAX_SKIP_EXAMPLES]
+    return {"unit": unit.to_dict(), "input_records": records, "lines": lines,
+            "skipped": dict(skipped),
+            "skip_examples": [f"{unit.where(i)}: {text}" if rows or unit.first_line else [i, text]
+                              for _, i, text in first],
             "damaged_files": damaged}  # fmt: skip
+
+
+def resolve_lines(metas: list[dict]) -> list[dict]:
+    """Units' metadata (in plan order) with every skip example's line numbered: a JSONL unit
+    whose first line the plan did not count starts where the unit before it in the same file
+    ended (each unit's json has the lines it read)."""
+    out, line = [], {}  # path → the line number after the units seen so far
+    for meta in metas:
+        unit = Unit(**meta["unit"])
+        first = unit.first_line or line.get(unit.path, 0)
+        if "lines" in meta and first:
+            line[unit.path] = first + meta["lines"]
+        examples = [e if isinstance(e, str) else f"{unit.where(e[0], first)}: {e[1]}"
+                    for e in meta["skip_examples"]]  # fmt: skip
+        out.append({**meta, "skip_examples": examples})
+    return out
 
 
 def _merge_unit(shard_dir: Path, unit_id: int, unit: Unit, parts: list[dict],
@@ -375,7 +408,7 @@ def build_manifest(out_dir: Path, settings: Settings, inputs: list[Path], metas:
                    specials: dict) -> dict:  # fmt: skip
     shards, skipped, examples, damaged = [], Counter(), [], []
     input_records = 0
-    for meta in metas:
+    for meta in resolve_lines(metas):
         input_records += meta["input_records"]
         skipped.update(meta["skipped"])
         examples.extend(meta["skip_examples"])
@@ -474,8 +507,8 @@ def part_bytes_for(total_bytes: int, shard_bytes: int) -> int:
 
 def plan_once(out_dir: Path, paths: list[Path], settings: Settings,
               shard_bytes: int) -> tuple[list[Unit], list[list[Unit]]]:  # fmt: skip
-    """The work units and their parts, planned by one task for all (planning reads every JSONL
-    input through): the first task to take out_dir/plan.lock plans and publishes plan.json while
+    """The work units and their parts, planned by one task for all (planning reads a few KiB at
+    each JSONL cut): the first task to take out_dir/plan.lock plans and publishes plan.json while
     refreshing the lock; the others wait for plan.json, and take over a lock not refreshed for
     PLAN_LOCK_STALE_S seconds (its task died). A plan.json made with other settings or inputs is
     refused (_check_plan)."""

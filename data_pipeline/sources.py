@@ -12,7 +12,7 @@ import gzip
 import json
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ SKIP_REASONS = ("bad_json", "bad_utf8", "lone_surrogate", "bad_record", "missing
                 "empty_view", "too_long", "truncated_gzip", "bad_gzip", "truncated_zstd",
                 "bad_zstd")  # fmt: skip
 FILE_REASONS = ("truncated_gzip", "bad_gzip", "truncated_zstd", "bad_zstd")
-_SCAN_BLOCK = 1 << 24  # 16 MiB reads while planning JSONL splits
+_SCAN_FIRST, _SCAN_BLOCK = 4 << 10, 1 << 24  # reads while finding a line start: 4 KiB, growing
 # msgspec's JSON decoder gives what json.loads gives for every document it accepts (big integers
 # included, unlike orjson); what it refuses is parsed again by json.loads.
 _decode_json = msgspec.json.Decoder().decode
@@ -102,10 +102,25 @@ class Unit:
     kind: str
     start: int  # byte offset (jsonl) or first row (parquet row group index / datasets row)
     end: int  # exclusive
-    first_line: int = 1  # line number of the first record (jsonl)
+    # Line number of the unit's first line (jsonl): 1 at the start of a file; 0 (not counted)
+    # past it, since planning reads no more than a line at each cut. A worker counts the lines
+    # of what it reads, and the manifest numbers them (line numbers are resolved once every unit
+    # before is done; see data_pipeline.preprocess.resolve_lines).
+    first_line: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def where(self, index: int, first_line: int | None = None) -> str:
+        """The location of the record at `index` (iter_records) for messages: `path:line` (or
+        `path:row r`). first_line: the unit's first line when the plan did not count it; when
+        nobody has, the line is named from the unit's first byte."""
+        if self.kind in ("parquet", "hf_disk"):
+            return f"{self.path}:row {index}"
+        first = first_line or self.first_line
+        if first:
+            return f"{self.path}:{first + index}"
+        return f"{self.path}: line {index + 1} from byte {self.start}"
 
 
 def plan_units(paths: list[Path], shard_bytes: int) -> list[Unit]:
@@ -140,53 +155,58 @@ def join_parts(parts: list[Unit]) -> Unit:
     return Unit(first.path, first.kind, first.start, parts[-1].end, first.first_line)
 
 
-class _LineStarts:
-    """Finds line starts in a file read once, front to back, in _SCAN_BLOCK reads, counting lines
-    on the way (so that skipped records can be reported as file:line)."""
+def line_start_at_or_after(f, target: int, size: int) -> int:
+    """The offset of the first line start at or after `target` in the open file `f` (size if
+    none): reads from target − 1 to the next newline, a few KiB for usual lines."""
+    if target <= 0:
+        return 0
+    pos, block = target - 1, _SCAN_FIRST
+    while pos < size:
+        f.seek(pos)
+        data = f.read(block)
+        if (nl := data.find(b"\n")) >= 0:
+            return pos + nl + 1
+        pos, block = pos + len(data), min(block * 4, _SCAN_BLOCK)
+        if not data:
+            break
+    return size
 
-    def __init__(self, f):
-        self._f = f
-        self._block, self._pos = b"", 0  # the block read last, and where it starts in the file
-        self._counted, self._lines = 0, 0  # newlines before block[self._counted:] in the file
 
-    def at_or_after(self, target: int) -> tuple[int, int] | None:
-        """(offset, line number) of the first line start at or after `target`, or None past the
-        last line start. Targets only grow, and each lies past the previous answer."""
-        while True:
-            nl = self._block.find(b"\n", max(0, target - self._pos - 1))
-            if nl >= 0:
-                self._lines += self._block.count(b"\n", self._counted, nl + 1)
-                self._counted = nl + 1
-                return self._pos + nl + 1, self._lines + 1
-            self._lines += self._block.count(b"\n", self._counted)
-            self._pos += len(self._block)
-            self._block, self._counted = self._f.read(_SCAN_BLOCK), 0
-            if not self._block:
-                return None
+def line_number_at(path: str, offset: int) -> int:
+    """The line number of the line starting at `offset` (counts every newline before it: one
+    read of the file's beginning, for error messages only)."""
+    lines = 1
+    with open(path, "rb") as f:
+        while offset > 0 and (data := f.read(min(_SCAN_BLOCK, offset))):
+            lines += data.count(b"\n")
+            offset -= len(data)
+    return lines
 
 
 def _plan_jsonl(path: Path, shard_bytes: int, part_bytes: int) -> list[list[Unit]]:
     """A unit ends at the first line start at or after each multiple of shard_bytes (counted
     from the previous unit's end when a line is longer than shard_bytes); inside a unit, a part
-    at the first line start at or after each part_bytes from the part's start. One sequential
-    read."""
+    at the first line start at or after each part_bytes from the part's start. Reads only around
+    each cut (no pass over the file: lines are counted by the workers)."""
     size = path.stat().st_size
     units: list[list[Unit]] = []
     parts: list[Unit] = []
-    start, line, next_unit = 0, 1, shard_bytes
+    start, next_unit = 0, shard_bytes
+
+    def part(a: int, b: int) -> Unit:
+        return Unit(str(path), "jsonl", a, b, 1 if a == 0 else 0)
+
     with open(path, "rb") as f:
-        starts = _LineStarts(f)
         while (target := min(next_unit, start + part_bytes)) < size:  # (no read for one unit)
-            if (found := starts.at_or_after(target)) is None or found[0] >= size:
+            if (cut := line_start_at_or_after(f, target, size)) >= size:
                 break
-            cut, cut_line = found
-            parts.append(Unit(str(path), "jsonl", start, cut, line))
-            start, line = cut, cut_line
+            parts.append(part(start, cut))
+            start = cut
             if cut >= next_unit:
                 units.append(parts)
                 parts = []
                 next_unit = max(cut, next_unit) + shard_bytes
-    parts.append(Unit(str(path), "jsonl", start, size, line))
+    parts.append(part(start, size))
     units.append(parts)
     return units
 
@@ -239,14 +259,21 @@ def _plan_hf_disk(path: Path, shard_bytes: int, part_bytes: int) -> list[list[Un
 
 
 def iter_unit(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+    """(location, record) of every record of the unit: iter_records, with locations named."""
+    for index, record in iter_records(unit):
+        yield unit.where(index), record
+
+
+def iter_records(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, int]:
+    """(index, record) of every record of the unit; unit.where(index) names it. The index is the
+    line's, counted from the unit's first line (JSONL), or the row's. Returns the number of lines
+    read (JSONL; 0 otherwise), which numbers the lines of the units after it."""
     if unit.kind in ("jsonl", "jsonl_gz"):
-        yield from _iter_jsonl(unit)
-    elif unit.kind == "jsonl_zst":
-        yield from _iter_jsonl_zst(unit)
-    elif unit.kind == "parquet":
-        yield from _iter_parquet(unit)
-    else:
-        yield from _iter_hf_disk(unit)
+        return (yield from _iter_jsonl(unit))
+    if unit.kind == "jsonl_zst":
+        return (yield from _iter_jsonl_zst(unit))
+    yield from _iter_parquet(unit) if unit.kind == "parquet" else _iter_hf_disk(unit)
+    return 0
 
 
 def _parse_json_line(raw: bytes) -> dict | SkipRecord:
@@ -270,54 +297,57 @@ def _parse_json_line(raw: bytes) -> dict | SkipRecord:
     return record
 
 
-def _iter_jsonl(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+def _iter_jsonl(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, int]:
     gz = unit.kind == "jsonl_gz"
     with gzip.open(unit.path, "rb") if gz else open(unit.path, "rb") as f:
         if not gz:
             f.seek(unit.start)
-        pos, line_no = unit.start, unit.first_line
+        left = unit.end - unit.start if not gz else -1
+        index = 0
         lines = iter(f)
-        while True:
+        while left:
             try:
                 raw = next(lines, None)
             except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # only gzip raises these
                 # The lines read so far stay; the rest of the file is one counted skip.
-                yield f"{unit.path}:{line_no}", _gzip_damage(e)
-                return
-            if raw is None or (not gz and pos >= unit.end):
-                return
-            pos += len(raw)
+                yield index, _gzip_damage(e)
+                return index
+            if raw is None:
+                break
+            left -= len(raw)
             if raw.strip():  # blank lines are not records
-                yield f"{unit.path}:{line_no}", _parse_json_line(raw)
-            line_no += 1
+                yield index, _parse_json_line(raw)
+            index += 1
+        return index
 
 
-def _iter_jsonl_zst(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+def _iter_jsonl_zst(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, int]:
     """A zstd-compressed JSONL file (Dolma, The Pile), streamed: its frames one after the other.
     The lines before damage stay; the rest of the file is one counted skip."""
     import zstandard
 
-    line_no, pending = unit.first_line, b""
+    index, pending = 0, b""
     try:
         for chunk in _zstd_chunks(unit.path, zstandard):
             *lines, pending = (pending + chunk).split(b"\n")
             for raw in lines:
                 if raw.strip():
-                    yield f"{unit.path}:{line_no}", _parse_json_line(raw)
-                line_no += 1
+                    yield index, _parse_json_line(raw)
+                index += 1
     except EOFError:
         yield (
-            f"{unit.path}:{line_no}",
+            index,
             SkipRecord(
                 "truncated_zstd", "compressed data ends early (file cut short); the rest is lost"
             ),
         )
-        return
+        return index
     except zstandard.ZstdError as e:
-        yield f"{unit.path}:{line_no}", SkipRecord("bad_zstd", f"{e}; the rest of the file is lost")
-        return
+        yield index, SkipRecord("bad_zstd", f"{e}; the rest of the file is lost")
+        return index
     if pending.strip():  # a last line without its newline
-        yield f"{unit.path}:{line_no}", _parse_json_line(pending)
+        yield index, _parse_json_line(pending)
+    return index + 1
 
 
 def _zstd_chunks(path: str, zstandard) -> Iterator[bytes]:
@@ -348,7 +378,7 @@ def _gzip_damage(e: Exception) -> SkipRecord:
     return SkipRecord("bad_gzip", f"{e}; the rest of the file is lost")  # not gzip, or corrupt
 
 
-def _iter_parquet(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+def _iter_parquet(unit: Unit) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(unit.path)
@@ -356,11 +386,11 @@ def _iter_parquet(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
     for g in range(unit.start, unit.end):
         for batch in pf.iter_batches(batch_size=1024, row_groups=[g]):
             for record in batch.to_pylist():
-                yield f"{unit.path}:row {row}", record
+                yield row, record
                 row += 1
 
 
-def _iter_hf_disk(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
+def _iter_hf_disk(unit: Unit) -> Iterator[tuple[int, dict]]:
     import datasets
 
     ds = datasets.load_from_disk(unit.path)
@@ -368,7 +398,7 @@ def _iter_hf_disk(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
         batch = ds[start : min(unit.end, start + 1024)]
         names = list(batch)
         for i in range(len(batch[names[0]]) if names else 0):
-            yield f"{unit.path}:row {start + i}", {n: batch[n][i] for n in names}
+            yield start + i, {n: batch[n][i] for n in names}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,6 +157,67 @@ def test_full_disk_while_merging_parts(tmp_path, tokenizer_dir, monkeypatch, cap
     assert_same_files(tmp_path / "clean", out)
 
 
+def test_planning_reads_around_cuts_only_and_workers_number_the_lines(
+    tmp_path, tokenizer_dir, monkeypatch, mixed_input
+):
+    """No task reads the corpus to count lines: planning reads a few KiB at each cut, the
+    workers count lines, and every skip example (in the manifest, in each unit's json once
+    resolved, in a --strict error) names the line of the bad record."""
+    read = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(
+        sources, "open", lambda *a, **k: Counting(real_open(*a, **k)), raising=False
+    )
+    parts = sources.plan_parts([mixed_input], 150_000, 20_000)
+    monkeypatch.undo()
+    size = mixed_input.stat().st_size
+    assert len(parts) > 10 and sum(map(len, parts)) > 50
+    assert sum(read) <= sum(map(len, parts)) * 4096 < size / 2
+
+    lines = mixed_input.read_bytes().split(b"\n")
+    kw = dict(shard_bytes=150_000, max_record_tokens=200, val_fraction=0.1)
+    parts_of(monkeypatch, 20_000)
+    m = run(mixed_input, tmp_path / "out", tokenizer_dir, num_workers=2, **kw)
+    metas = [json.loads(p.read_text()) for p in sorted((tmp_path / "out/shards").glob("*.json"))]
+    assert any(isinstance(e, list) for meta in metas for e in meta["skip_examples"])
+    examples = [e for meta in pre.resolve_lines(metas) for e in meta["skip_examples"]]
+    assert len(examples) > 20 and m["skip_examples"] == examples[:5]
+    bundled = set((BUNDLED / "train.jsonl").read_bytes().split(b"\n"))
+    bad_lines = {i + 1 for i, line in enumerate(lines) if line not in bundled}  # the fixture's
+    named = set()
+    for e in examples:
+        where, number = e.split(": ")[0].rsplit(":", 1)
+        assert where == str(mixed_input) and int(number) in bad_lines, e
+        named.add(int(number))
+    assert max(named) > len(lines) / 2  # lines of late units too
+
+    late = sorted(bad_lines)[len(bad_lines) // 2]  # --strict: the first bad line, far down
+    data = b"\n".join(x for i, x in enumerate(lines) if i + 1 not in bad_lines or i + 1 == late)
+    (tmp_path / "late.jsonl").write_bytes(data)
+    first_bad = 1 + data[: data.index(lines[late - 1])].count(b"\n")
+    with pytest.raises(pre.StrictError, match=f"^{tmp_path}/late.jsonl:{first_bad}: "):
+        run(tmp_path / "late.jsonl", tmp_path / "strict", tokenizer_dir, strict=True, **kw)
+
+
 def test_unit_cuts_do_not_depend_on_parts_and_parts_tile_them(tmp_path):
     rng = random.Random(0)
     for trial in range(200):
@@ -171,9 +232,10 @@ def test_unit_cuts_do_not_depend_on_parts_and_parts_tile_them(tmp_path):
         flat = [u for p in parts for u in p]
         assert flat[0].start == 0 and flat[-1].end == len(data)
         assert all(a.end == b.start > a.start for a, b in zip(flat, flat[1:]))
-        for u in flat:  # each part starts a line, and knows its number
+        for u in flat:  # each part starts a line; only a file's first is numbered (no count)
             assert u.start == 0 or data[u.start - 1] == ord("\n")
-            assert u.first_line == data[: u.start].count(b"\n") + 1
+            assert u.first_line == (1 if u.start == 0 else 0)
+            assert sources.line_number_at(str(path), u.start) == data[: u.start].count(b"\n") + 1
 
 
 def test_writer_batch_and_merge_paths_write_the_same_bytes(tmp_path):
