@@ -315,7 +315,7 @@ def _iter_jsonl(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, in
             if raw is None:
                 break
             left -= len(raw)
-            if raw.strip():  # blank lines are not records
+            if not raw.isspace():  # blank lines are not records (raw ends with its newline)
                 yield index, _parse_json_line(raw)
             index += 1
         return index
@@ -331,7 +331,7 @@ def _iter_jsonl_zst(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None
         for chunk in _zstd_chunks(unit.path, zstandard):
             *lines, pending = (pending + chunk).split(b"\n")
             for raw in lines:
-                if raw.strip():
+                if raw and not raw.isspace():
                     yield index, _parse_json_line(raw)
                 index += 1
     except EOFError:
@@ -450,7 +450,7 @@ class ViewSpec:
                 raise SkipRecord("missing_view", f"no field {name!r}")
             if not isinstance(value, str):
                 raise SkipRecord("bad_record", f"field {name!r} is a {type(value).__name__}")
-            if not value.strip():
+            if not value or value.isspace():  # (= not value.strip(), without copying it)
                 raise SkipRecord("empty_view", f"field {name!r} is empty")
             views.append(value)
         return views
@@ -470,7 +470,7 @@ class ViewSpec:
         for role in ("user", "assistant"):
             if role not in by_role:
                 raise SkipRecord("missing_view", f"no {role} message")
-            if not by_role[role].strip():
+            if not by_role[role] or by_role[role].isspace():
                 raise SkipRecord("empty_view", f"empty {role} message")
         user = by_role["user"]
         if self.system_prompt == "prefix" and by_role.get("system", "").strip():

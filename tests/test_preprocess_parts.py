@@ -218,6 +218,20 @@ def test_planning_reads_around_cuts_only_and_workers_number_the_lines(
         run(tmp_path / "late.jsonl", tmp_path / "strict", tokenizer_dir, strict=True, **kw)
 
 
+@pytest.mark.parametrize("chars, records", [(1, 65536), (5_000, 7), (1 << 30, 300)])
+def test_tokenizer_batches_do_not_change_the_output(
+    tmp_path, tokenizer_dir, monkeypatch, mixed_input, chars, records
+):
+    """Records go to the tokenizer in batches of ENCODE_CHARS characters or ENCODE_BATCH
+    records: any batch size writes the same bytes and the same skip examples."""
+    kw = dict(shard_bytes=700_000, max_record_tokens=200, val_fraction=0.1)
+    whole = run(mixed_input, tmp_path / "whole", tokenizer_dir, **kw)
+    monkeypatch.setattr(pre, "ENCODE_CHARS", chars)
+    monkeypatch.setattr(pre, "ENCODE_BATCH", records)
+    assert run(mixed_input, tmp_path / "small", tokenizer_dir, **kw) == whole
+    assert_same_files(tmp_path / "whole", tmp_path / "small")
+
+
 def test_unit_cuts_do_not_depend_on_parts_and_parts_tile_them(tmp_path):
     rng = random.Random(0)
     for trial in range(200):
