@@ -45,6 +45,12 @@ def build_hf_config(cfg: TrainConfig, vocab: SpecialIdsInfo) -> Any:
     if m.init_from:
         from transformers import AutoConfig
 
+        local = Path(m.init_from)
+        if (local.is_absolute() or m.init_from.startswith(".") or local.exists()) and not (
+            local / "config.json"
+        ).is_file():  # (else transformers takes it for a Hub repo id, and says so in a traceback)
+            raise ConfigError(f"model.init_from={m.init_from}: not a Hugging Face checkpoint "
+                              "folder (no config.json)")  # fmt: skip
         hf = AutoConfig.from_pretrained(m.init_from, trust_remote_code=m.trust_remote_code)
         for k, v in m.overrides.items():
             if k in SHAPE_KEYS and getattr(hf, k, v) != v:

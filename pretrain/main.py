@@ -81,7 +81,10 @@ def main(
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         _user_error(f"config error: {e}")
     if dry_run:
-        print_dry_run(cfg, world_size)
+        try:
+            print_dry_run(cfg, world_size)
+        except (ValueError, OSError) as e:  # model.init_from that does not load, a bad manifest
+            _user_error(f"config error: {str(e).splitlines()[0] if str(e) else repr(e)}")
         return
     from pretrain.checkpoint import CheckpointWriteError, DataChangedError, UnsafeCheckpointError
     from pretrain.trainer import NonFiniteError, train

@@ -187,6 +187,8 @@ def test_dry_run_prints_config_deepspeed_dict_and_memory():
         ("data:\n  paths: [a\n  x: : :\n", None, "not valid YAML: line 3, column 4"),
         (None, "deepspeed_config=ds_configs/missing.json", "deepspeed_config: ds_configs/missing.json not found"),
         (None, "data.micro_batch_rows=zero", "data.micro_batch_rows must be an int"),
+        (None, "model.init_from=/no/such/model", "model.init_from=/no/such/model: not a Hugging "
+         "Face checkpoint folder (no config.json)"),
     ],
 )  # fmt: skip
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, recipe_text, override, expected):
