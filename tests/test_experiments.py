@@ -61,6 +61,22 @@ def test_nlrx_quick_runs_end_to_end(tmp_path):
     assert sorted(p.name for p in (out / "runs" / "lm_s82" / "checkpoints").glob("step_*")) == [
         "step_000030"
     ]
+    # a trend over summaries (here the same one twice, as two "sizes")
+    trend = run_module(
+        "pretrain.experiments.trend", "--arm", "l2_k3", "--out", out / "trend.png",
+        f"small={out / 'summary.json'}", f"large={out / 'summary_valid.json'}",
+    )  # fmt: skip
+    d = jepa["prefix_match"]["vs_lm"]["mean_diff"]
+    assert (
+        f"| small | {summary['arms']['lm']['metrics']['prefix_match']['mean']:.2f}" in trend.stdout
+    )
+    assert f"| {d:+.2f} ± " in trend.stdout and "| large |" in trend.stdout
+    assert (out / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_module("pretrain.experiments.trend", "--arm", "nope", f"x={out / 'summary.json'}",
+                     check=False)  # fmt: skip
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        f"trend: {out / 'summary.json'} has no arm 'nope' (arms: lm, l2_k3)"
+    ]
 
 
 def test_grid_variants_name_their_arms_and_overrides():
