@@ -12,6 +12,7 @@ import pytest
 from conftest import BUNDLED, chat, write_jsonl
 
 import data_pipeline.preprocess as pre
+import data_pipeline.tokenizer as tok_lib
 from data_pipeline import sources
 from data_pipeline.shards import ShardReader, ShardWriter
 from data_pipeline.verify import verify_folder
@@ -337,7 +338,7 @@ def test_encoder_gives_the_tokenizers_ids(tokenizer_dir, monkeypatch):
         flat, lengths = encoder(texts)
         return [a.tolist() for a in np.split(flat, np.cumsum(lengths)[:-1])]
 
-    encoder = pre.Encoder(str(tokenizer_dir / "tokenizer.json"))
+    encoder = tok_lib.Encoder(str(tokenizer_dir / "tokenizer.json"))
     try:
         import gigatoken  # noqa: F401
 
@@ -350,9 +351,9 @@ def test_encoder_gives_the_tokenizers_ids(tokenizer_dir, monkeypatch):
     def wrong(self, xs):
         return np.zeros(0, np.uint32), np.zeros(len(xs), np.int64)
 
-    encoder = pre.Encoder(str(tokenizer_dir / "tokenizer.json"))
+    encoder = tok_lib.Encoder(str(tokenizer_dir / "tokenizer.json"))
     monkeypatch.setattr(encoder, "_fast_ids", wrong.__get__(encoder))
     assert ids_of(encoder) == expected and encoder.backend == "tokenizers"
-    monkeypatch.setattr(pre.Encoder, "_fast_ids", wrong)
-    encoder = pre.Encoder(str(tokenizer_dir / "tokenizer.json"))
+    monkeypatch.setattr(tok_lib.Encoder, "_fast_ids", wrong)
+    encoder = tok_lib.Encoder(str(tokenizer_dir / "tokenizer.json"))
     assert encoder.backend == "tokenizers" and ids_of(encoder) == expected
