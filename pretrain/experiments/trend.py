@@ -29,11 +29,16 @@ def load_points(points: tuple[str, ...], arm: str) -> list[dict]:
             summary = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"trend: {path}: cannot read a summary ({e})") from None
-        arms = summary["arms"]
+        arms = summary.get("arms") if isinstance(summary, dict) else None
+        if not isinstance(arms, dict):
+            raise SystemExit(f"trend: {path}: not an nlrx summary (no arms)")
         if arm not in arms:
             raise SystemExit(f"trend: {path} has no arm {arm!r} (arms: {', '.join(arms)})")
-        base, this = arms[summary["baseline"]]["metrics"], arms[arm]["metrics"]
-        vs = this[METRIC]["vs_lm"]
+        try:
+            base, this = arms[summary["baseline"]]["metrics"], arms[arm]["metrics"]
+            vs = this[METRIC]["vs_lm"]
+        except KeyError as e:
+            raise SystemExit(f"trend: {path}: arm {arm!r} has no paired {METRIC} ({e})") from None
         rows.append({"label": label, "base": base[METRIC], "arm": this[METRIC],
                      "diff": (vs["mean_diff"], vs["std_diff"]), "p": vs["p_one_tailed"],
                      "cos_bb": this.get("cosine_b_b", {}).get("mean"),
