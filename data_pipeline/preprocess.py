@@ -163,7 +163,7 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
                 writers[split].add_batch(ids, lengths)
             elif records.any():
                 writers[split].add_batch(ids[np.repeat(records, sizes)], lengths[records])
-        batch.__init__()
+        batch.clear()
 
     try:
         for s in SPLITS:
@@ -219,6 +219,10 @@ class _Batch:
         self.texts: list[str] = []
         self.val: list[bool] = []
 
+    def clear(self) -> None:
+        for column in (self.numbers, self.indexes, self.texts, self.val):
+            column.clear()
+
 
 class _Counted:
     """Iterates a generator and keeps what it returns (iter_records: the lines it read)."""
@@ -233,29 +237,26 @@ class _Counted:
 def _unit_meta(unit: Unit, parts: list[dict]) -> dict:
     """A unit's metadata from its parts': record numbers and line indices in skip examples count
     from the unit's start, so the first examples are the unit's first, whatever its parts. Skip
-    examples are `location: reason: detail`, or [line index, "reason: detail"] while the unit's
-    first line is unknown (resolve_lines numbers them)."""
+    examples are [line (or row) index, "reason: detail"]: resolve_lines names them."""
     skipped, examples, damaged, records, lines = Counter(), [], [], 0, 0
-    rows = unit.kind in ("parquet", "hf_disk")  # (indices are rows of the file, not lines)
-    for meta in parts:
+    for meta in parts:  # (Parquet and datasets parts read no lines: their indices are rows)
         skipped.update(meta["skipped"])
-        examples.extend((records + n, i if rows else lines + i, text)
-                        for n, i, text in meta["examples"])  # fmt: skip
+        examples.extend((records + n, lines + i, text) for n, i, text in meta["examples"])
         damaged.extend(meta["damaged_files"])
         records += meta["input_records"]
         lines += meta["lines"]
     first = sorted(examples)[:MAX_SKIP_EXAMPLES]
     return {"unit": unit.to_dict(), "input_records": records, "lines": lines,
             "skipped": dict(skipped),
-            "skip_examples": [f"{unit.where(i)}: {text}" if rows or unit.first_line else [i, text]
-                              for _, i, text in first],
+            "skip_examples": [[i, text] for _, i, text in first],
             "damaged_files": damaged}  # fmt: skip
 
 
 def resolve_lines(metas: list[dict]) -> list[dict]:
-    """Units' metadata (in plan order) with every skip example's line numbered: a JSONL unit
-    whose first line the plan did not count starts where the unit before it in the same file
-    ended (each unit's json has the lines it read)."""
+    """Units' metadata (in plan order) with every skip example as `location: reason: detail`: a
+    JSONL unit whose first line the plan did not count starts where the unit before it in the
+    same file ended (each unit's json has the lines it read). Strings (units written before
+    2026-12-01) are kept."""
     out, line = [], {}  # path → the line number after the units seen so far
     for meta in metas:
         unit = Unit(**meta["unit"])
