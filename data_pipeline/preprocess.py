@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -38,9 +39,11 @@ from data_pipeline.sources import (
     Unit,
     ViewSpec,
     expand_inputs,
+    iter_jsonl_blocks,
     iter_records,
     join_parts,
     line_number_at,
+    parse_block,
     plan_parts,
 )
 from data_pipeline.tokenizer import Encoder
@@ -86,10 +89,24 @@ class Settings:
 
 def is_validation(views: list[str], val_fraction: float) -> bool:
     """Stable per-record split: a hash of the record's content, not of its position."""
+    return bool(validation_mask(views, len(views), val_fraction)[0])
+
+
+_blake2b_8 = functools.partial(hashlib.blake2b, digest_size=8)
+
+
+def validation_mask(texts: list[str], n_views: int, val_fraction: float) -> np.ndarray:
+    """is_validation of every record of `texts` (n_views views each, back to back): blake2b of
+    its views joined by U+001F, read as a little-endian fraction of 2^64, below val_fraction.
+    The calls chain in C (map), no Python frame per record; float64(h) / 2^64 is Python's
+    correctly rounded int(h) / 2**64 (dividing by a power of two only shifts the exponent).
+    Views hold no lone surrogate (extract skips those), so plain UTF-8 is their bytes."""
+    n = len(texts) // n_views
     if val_fraction <= 0:
-        return False
-    h = hashlib.blake2b("\x1f".join(views).encode("utf-8", "surrogatepass"), digest_size=8)
-    return int.from_bytes(h.digest(), "little") / 2**64 < val_fraction
+        return np.zeros(n, bool)
+    joined = texts if n_views == 1 else map("\x1f".join, zip(*[iter(texts)] * n_views))
+    digests = b"".join(map(hashlib.blake2b.digest, map(_blake2b_8, map(str.encode, joined))))
+    return np.frombuffer(digests, "<u8").astype(np.float64) / 2.0**64 < val_fraction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +174,7 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
                 reason = SkipRecord("empty_view", "a view has no tokens")
             skip(batch.indexes[i], reason, batch.numbers[i])
         keep = ~(too_long | empty)
-        val = np.array(batch.val, bool)
+        val = validation_mask(batch.texts, n_views, settings.val_fraction)
         for split, records in (("train", keep & ~val), ("val", keep & val)):
             if records.all():
                 writers[split].add_batch(ids, lengths)
@@ -170,27 +187,39 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
             prefix = shard_dir / f"{unit_id:05d}.{s}" if part is None else _part_prefix(
                 shard_dir, unit_id, part, s)  # fmt: skip
             writers[s] = shard_io.ShardWriter(prefix, n_views, dtype, fsync=part is None)
-        batch = _Batch()
-        extract, val_fraction = settings.views.extract, settings.val_fraction
-        records, chars = _Counted(iter_records(unit)), 0
-        for index, record in records:
-            input_records += 1
-            if isinstance(record, SkipRecord):
-                skip(index, record, input_records)
-                continue
-            try:
-                views = extract(record)
-            except SkipRecord as err:
-                skip(index, err, input_records)
-                continue
-            batch.numbers.append(input_records)
-            batch.indexes.append(index)
-            batch.texts += views
-            batch.val.append(is_validation(views, val_fraction))
-            chars += sum(map(len, views))
-            if chars >= ENCODE_CHARS or len(batch.numbers) >= ENCODE_BATCH:
-                flush(batch)
-                chars = 0
+        batch, extract = _Batch(), settings.views.extract
+
+        def take(records) -> None:
+            """Records one by one: (index, record or SkipRecord)."""
+            nonlocal input_records
+            for index, record in records:
+                input_records += 1
+                if isinstance(record, SkipRecord):
+                    skip(index, record, input_records)
+                    continue
+                try:
+                    views = extract(record)
+                except SkipRecord as err:
+                    skip(index, err, input_records)
+                    continue
+                batch.add(input_records, index, views)
+                if batch.full:
+                    flush(batch)
+
+        if unit.kind == "jsonl":  # a block of lines at a time, where every line is a record
+            records = _Counted(iter_jsonl_blocks(unit))
+            for first, lines in records:
+                texts = settings.views.extract_block(lines)
+                if texts is None:
+                    take(parse_block(first, lines))
+                    continue
+                batch.add_block(input_records + 1, first, texts, len(lines))
+                input_records += len(lines)
+                if batch.full:
+                    flush(batch)
+        else:
+            records = _Counted(iter_records(unit))
+            take(records)
         flush(batch)
         meta = {"input_records": input_records, "lines": records.lines, "skipped": dict(skipped),
                 "examples": sorted(examples)[:MAX_SKIP_EXAMPLES], "damaged_files": damaged}  # fmt: skip
@@ -210,18 +239,36 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
 
 
 class _Batch:
-    """Records waiting for one tokenizer call: their numbers, line (or row) indices, views
-    (n_views texts each, back to back) and splits."""
+    """Records waiting for one tokenizer call: their numbers, line (or row) indices and views
+    (n_views texts each, back to back)."""
 
     def __init__(self):
         self.numbers: list[int] = []
         self.indexes: list[int] = []
         self.texts: list[str] = []
-        self.val: list[bool] = []
+        self.chars = 0
+
+    def add(self, number: int, index: int, views: list[str]) -> None:
+        self.numbers.append(number)
+        self.indexes.append(index)
+        self.texts += views
+        self.chars += sum(map(len, views))
+
+    def add_block(self, number: int, index: int, texts: list[str], n: int) -> None:
+        """n records numbered from `number`, on the lines from `index` on."""
+        self.numbers += range(number, number + n)
+        self.indexes += range(index, index + n)
+        self.texts += texts
+        self.chars += sum(map(len, texts))
+
+    @property
+    def full(self) -> bool:
+        return self.chars >= ENCODE_CHARS or len(self.numbers) >= ENCODE_BATCH
 
     def clear(self) -> None:
-        for column in (self.numbers, self.indexes, self.texts, self.val):
+        for column in (self.numbers, self.indexes, self.texts):
             column.clear()
+        self.chars = 0
 
 
 class _Counted:

@@ -192,14 +192,13 @@ class ShardWriter:
 
 def _record_crcs(tokens: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """CRC32 of each record's bytes; records lie back to back in `tokens`, record i ending at
-    token ends[i] (the first starting at 0). One zlib call per record, on views: no copies."""
+    token ends[i] (the first starting at 0). One zlib call per record, on views (no copies),
+    chained in C by map (no Python frame per record)."""
     raw = memoryview(np.ascontiguousarray(tokens)).cast("B")
-    bounds = (ends.astype(np.int64) * tokens.dtype.itemsize).tolist()
-    crc32, start, out = zlib.crc32, 0, []
-    for end in bounds:
-        out.append(crc32(raw[start:end]))
-        start = end
-    return np.asarray(out, dtype="<u4")
+    ends = ends.astype(np.int64) * tokens.dtype.itemsize
+    starts = np.concatenate(([0], ends[:-1])).tolist()
+    records = map(raw.__getitem__, map(slice, starts, ends.tolist()))
+    return np.fromiter(map(zlib.crc32, records), dtype="<u4", count=len(ends))
 
 
 def _read_head(path: str | os.PathLike) -> tuple[bytes, int]:

@@ -500,7 +500,8 @@ class Encoder:
                   "tokenizing with tokenizers", file=sys.stderr)  # fmt: skip
 
     def _fast_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        layout = self._fast.encode_batch(texts).layout  # awkward: offsets (texts + 1,), content
+        # On the calling thread: a worker is one core (its thread pool costs ~15% more CPU).
+        layout = self._fast.encode_batch(texts, parallel=False).layout  # awkward: offsets, content
         offsets = np.asarray(layout.offsets.data, dtype=np.int64)
         return np.asarray(layout.content.data)[offsets[0] : offsets[-1]], np.diff(offsets)
 

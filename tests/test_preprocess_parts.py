@@ -1,8 +1,10 @@
 """Preprocessing speed paths give the bytes of the plain ones: work units cut into parts (every
-worker has work on a small input), the shard writer's batch and merge paths, the JSON decoder and
-the tokenizer backend."""
+worker has work on a small input), the shard writer's batch and merge paths, the JSON decoder,
+JSONL read and checked a block of lines at a time, the split hash in batches and the tokenizer
+backend."""
 
 import filecmp
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -357,3 +359,135 @@ def test_encoder_gives_the_tokenizers_ids(tokenizer_dir, monkeypatch):
     monkeypatch.setattr(tok_lib.Encoder, "_fast_ids", wrong)
     encoder = tok_lib.Encoder(str(tokenizer_dir / "tokenizer.json"))
     assert encoder.backend == "tokenizers" and ids_of(encoder) == expected
+
+
+# Lines that a block of JSONL lines must treat as the record-by-record path does: for the views
+# `text` / `q,a-b` (fields) and `messages`.
+_U = {"role": "user", "content": "u"}
+_A = {"role": "assistant", "content": "a"}
+TRICKY = [
+    b'{"text": "ok", "q": "1", "a-b": "2", "messages": [%s, %s]}' % (
+        json.dumps(_U).encode(), json.dumps(_A).encode()),
+    b'{"text": "x", "q": "1", "a-b": "2", "messages": [], "z": "tab\tin"}',
+    b'{"text": "x", "q": "1", "a-b": "2", "z": "\xff"}', b'{"text": "x", "z": "\xed\xa0\x80"}',
+    b'{"text": "x", "q": "1", "a-b": "2", "z": "\\ud800"}', b'{"text": "x", "z": 1e400}',
+    b'{"text": "x", "z": NaN}', b'{"text": "a", "text": "b", "q": "", "a-b": "c"}',
+    b'{"te\\u0078t": "esc", "q": "\\ud83d\\ude00", "a-b": "\\u0000"}', b'{"text": null}',
+    b'{"text": 5}', b'{"text": ""}', b'{"text": " \\n "}', b'{"text": "\\ud800 lone"}',
+    b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "a"} x', b'{"text": "a"},{"text": "b"}',
+    b'{"text": "crlf", "q": "1", "a-b": "2"}\r', b"[1, 2]", b'"s"', b"", b"  ", b"\r",
+    b'{"text": "caf\xc3\xa9 \xf0\x9f\x99\x82", "q": "\xe6\x9d\xb1", "a-b": "x"}',
+    b'{"text": [1', b'2]}', b'{"text": "deep", "z": ' + b"[" * 300 + b"]" * 300 + b"}",
+    *(json.dumps(r).encode() for r in (
+        chat("u", "a"), chat("u", "a", system=""), chat("  ", "a"), chat("u", ""),
+        chat("u", "a", system="  "),
+        {"messages": [_U, _A, {"role": "tool", "content": "t", "name": "n"}]},
+        {"messages": [_U, _A, _U]}, {"messages": [_U]}, {"messages": [_U, _A, "x"]},
+        {"messages": [_U, _A, {"role": 5, "content": "t"}]}, {"messages": [_U, _A, {"content": "t"}]},
+        {"messages": [_U, {"role": "assistant", "content": 1}]}, {"messages": {"role": "user"}},
+    )),
+]  # fmt: skip
+# Valid records that the block path leaves to the record-by-record path (never wrong, slower):
+# a lone surrogate escape or NaN in a field it does not read, a role that is not a string.
+LEFT_TO_RECORDS = {4, 6, len(TRICKY) - 4, len(TRICKY) - 3}
+
+
+def _record_by_record(spec: sources.ViewSpec, lines: list[bytes]) -> list[str] | None:
+    texts = []
+    for raw in lines:
+        record = sources._parse_json_line(raw) if raw and not raw.isspace() else None
+        if record is None or isinstance(record, sources.SkipRecord):
+            return None
+        try:
+            texts += spec.extract(record)
+        except sources.SkipRecord:
+            return None
+    return texts
+
+
+@pytest.mark.parametrize("views, system_prompt", [
+    ("text", "drop"), ("q,a-b", "drop"), ("messages", "drop"), ("messages", "prefix")])  # fmt: skip
+def test_a_block_of_lines_gives_what_its_records_give(views, system_prompt):
+    """extract_block either gives each line's views, exactly as parsing and extracting the lines
+    one by one does, or None (then preprocessing takes the block record by record)."""
+    spec = sources.ViewSpec.parse(views, system_prompt)
+    good = TRICKY[0]
+    fast = 0
+    for i, raw in enumerate(TRICKY):
+        lines = [good, raw, good]
+        expected, got = _record_by_record(spec, lines), spec.extract_block(lines)
+        assert got is None or got == expected, (i, raw)
+        if expected is not None and i not in LEFT_TO_RECORDS:
+            assert got == expected, (i, raw)
+            fast += 1
+    assert fast >= 4
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 20])
+def test_blocks_of_lines_are_the_lines_of_every_unit(tmp_path, monkeypatch, block_bytes):
+    monkeypatch.setattr(sources, "BLOCK_BYTES", block_bytes)
+    rng = random.Random(block_bytes)
+    for trial in range(40):
+        lines = [b"x" * rng.choice([0, 1, 5, 30, 200, 3000]) for _ in range(rng.randint(0, 60))]
+        data = b"\n".join(lines) + (b"\n" if rng.random() < 0.7 else b"")
+        path = tmp_path / f"t{trial}.jsonl"
+        path.write_bytes(data)
+        for unit in sources.plan_units([path], rng.choice([1, 100, 5000, 1 << 20])):
+            blocks = sources.iter_jsonl_blocks(unit)
+            got, index = [], 0
+            while True:
+                try:
+                    first, block = next(blocks)
+                except StopIteration as end:
+                    count = end.value
+                    break
+                assert first == index
+                got += block
+                index += len(block)
+            assert got == data[unit.start : unit.end].splitlines()
+            assert count == len(got)
+
+
+def test_blocks_and_records_write_the_same_bytes(tmp_path, tokenizer_dir, monkeypatch):
+    """A corpus with every kind of line above spread through it: read in blocks (of any size)
+    or record by record, preprocessing writes the same bytes and names the same skips."""
+    lines = []
+    for i, line in enumerate((BUNDLED / "train.jsonl").read_bytes().splitlines()):
+        lines.append(line if i % 97 else line + b"\r")
+        if i % 41 == 5:
+            lines.append(TRICKY[(i // 41) % len(TRICKY)])
+        if i % 500 == 9:
+            lines.append(json.dumps(chat("x " * 600, "y")).encode())
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines))
+    kw = dict(shard_bytes=300_000, max_record_tokens=200, val_fraction=0.1)
+    blocks = run(tmp_path / "in.jsonl", tmp_path / "blocks", tokenizer_dir, **kw)
+    assert {"bad_json", "bad_utf8", "bad_record", "missing_view", "empty_view",
+            "too_long"} <= set(blocks["skipped"])  # fmt: skip
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 300)
+    assert run(tmp_path / "in.jsonl", tmp_path / "small", tokenizer_dir, **kw) == blocks
+    assert_same_files(tmp_path / "blocks", tmp_path / "small")
+    monkeypatch.setattr(sources.ViewSpec, "extract_block", lambda self, lines: None)
+    assert run(tmp_path / "in.jsonl", tmp_path / "records", tokenizer_dir, **kw) == blocks
+    assert_same_files(tmp_path / "blocks", tmp_path / "records")
+
+
+def test_the_split_in_batches_is_the_split_of_each_record():
+    """validation_mask is the per-record definition (blake2b of the views joined by U+001F, as
+    a fraction of 2^64), computed with numpy over a batch."""
+
+    def reference(views: list[str], fraction: float) -> bool:
+        h = hashlib.blake2b("\x1f".join(views).encode("utf-8", "surrogatepass"), digest_size=8)
+        return int.from_bytes(h.digest(), "little") / 2**64 < fraction
+
+    rng = random.Random(0)
+    alphabet = "ab é東🙂\x1f\n"
+    for n_views in (1, 2, 3):
+        texts = [
+            "".join(rng.choices(alphabet, k=rng.randint(1, 12))) for _ in range(3000 * n_views)
+        ]
+        records = [texts[i : i + n_views] for i in range(0, len(texts), n_views)]
+        for fraction in (0.0, 1e-9, 0.05, 0.5, 0.999999, 1.0):
+            mask = pre.validation_mask(texts, n_views, fraction)
+            assert mask.tolist() == [reference(r, fraction) for r in records]
+            assert pre.is_validation(records[0], fraction) == reference(records[0], fraction)
+        assert 0.4 < pre.validation_mask(texts, n_views, 0.5).mean() < 0.6
