@@ -3,7 +3,8 @@ Megatron's tools/preprocess_data.py and, where the checkout has it, tools/prepro
 (gigatoken), on the same input with the same Hugging Face tokenizer, side by side in one run.
 
     python bench/preprocess_vs_megatron.py --megatron ~/Megatron-LM [--python PY]
-        [--repeat 5] [--rounds 3] [--workers 1,2] [--vocab_size 8000]
+        [--repeat 5] [--rounds 3] [--workers 1,2] [--vocab_size 8000] [--doc_records 1]
+        [--fast_only]
 
 --megatron: a Megatron-LM checkout (or the files the tools import: tools/, megatron/core,
 megatron/training). --python: the interpreter that runs Megatron's tools (default: this one);
@@ -20,6 +21,10 @@ reads one text field per `--json-keys` key:
            Ours reads the chat records (--views messages, as a user would: system prompts are
            read and dropped) and, for the same file as Megatron, flat.jsonl (--views
            user,assistant).
+--doc_records N: each document joins N consecutive records (users and assistants each joined by
+"\n"), so a document is N times as long (30: ~4 KB, the length of a web page; 1: the paper's
+~130-byte records, where the cost per record weighs most). --fast_only: Megatron's
+preprocess_data_fast.py only (preprocess_data.py takes ~10x the others' time).
 Every tool writes the same token ids (checked: equal token totals); ours also writes its val
 split, the manifest and sha256 checksums. Megatron without --append-eod; ours with
 --max_record_tokens 10^9 (nothing skipped).
@@ -78,20 +83,32 @@ class Tool:
     kind: str  # "ours" | "megatron" | "fast"
 
 
-def build_inputs(work: Path, repeat: int) -> None:
+def build_inputs(work: Path, repeat: int, doc_records: int = 1) -> None:
     """chat.jsonl (ours), text.jsonl and flat.jsonl (the same texts as Megatron reads them), and
     each one's first SHORT_LINES lines (the start-up runs)."""
     write_corpus(work / "chat.jsonl", "mixed", repeat)
+    if doc_records > 1:
+        records = (work / "chat.jsonl").read_text().splitlines()
+        with open(work / "chat.jsonl", "w") as f:
+            for lo in range(0, len(records), doc_records):
+                views = [_user_assistant(line) for line in records[lo : lo + doc_records]]
+                f.write(json.dumps({"messages": [
+                    {"role": role, "content": "\n".join(v[i] for v in views)}
+                    for i, role in enumerate(("user", "assistant"))]}) + "\n")  # fmt: skip
     with open(work / "chat.jsonl") as f, open(work / "flat.jsonl", "w") as flat, \
             open(work / "text.jsonl", "w") as text:  # fmt: skip
         for line in f:
-            by_role = {m["role"]: m["content"] for m in json.loads(line)["messages"]}
-            user, assistant = by_role["user"], by_role["assistant"]
+            user, assistant = _user_assistant(line)
             flat.write(json.dumps({"user": user, "assistant": assistant}) + "\n")
             text.write(json.dumps({"text": f"{user}\n\n{assistant}"}) + "\n")
     for name in ("chat", "flat", "text"):
         with open(work / f"{name}.jsonl") as f, open(work / f"{name}.short.jsonl", "w") as short:
             short.writelines(line for _, line in zip(range(SHORT_LINES), f))
+
+
+def _user_assistant(line: str) -> tuple[str, str]:
+    by_role = {m["role"]: m["content"] for m in json.loads(line)["messages"]}
+    return by_role["user"], by_role["assistant"]
 
 
 def flags(tool: Tool, data: Path, tok: Path, out: Path, workers: int) -> list[str]:
@@ -307,17 +324,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the tools")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--vocab_size", type=int, default=8000)
+    ap.add_argument("--doc_records", type=int, default=1, help="records joined per document")
+    ap.add_argument("--fast_only", action="store_true", help="not Megatron's preprocess_data.py")
     args = ap.parse_args()
     megatron = args.megatron.expanduser().resolve()
     check_checkout(megatron)
     with tempfile.TemporaryDirectory() as tmp:
         work, tok = Path(tmp), Path(tmp) / "tok"
-        build_inputs(work, args.repeat)
+        build_inputs(work, args.repeat, args.doc_records)
         train_tokenizer(iter_view_texts([str(s) for s in MIXED], "messages"), tok,
                         vocab_size=args.vocab_size)  # fmt: skip
         skipped = probe_megatron(megatron, args.python, work, tok)
         for why in skipped.values():
             print(f"preprocess_data_fast.py not run: {why}")
+        if args.fast_only:
+            skipped["megatron"] = "--fast_only"
         theirs = [(kind, name) for kind, name in (("megatron", "Megatron preprocess_data.py"),
                   ("fast", "Megatron preprocess_data_fast.py")) if kind not in skipped]  # fmt: skip
         cases = [  # (title, Megatron's input and --json-keys, ours: first the one ratios refer to)

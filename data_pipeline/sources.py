@@ -503,9 +503,13 @@ class ViewSpec:
         return texts  # (valid UTF-8 holds no lone surrogate)
 
     def _messages_block(self, records: list) -> list[str] | None:
-        texts, prefix = [], self.system_prompt == "prefix"
+        texts, prefix, role_content = (
+            [],
+            self.system_prompt == "prefix",
+            attrgetter("role", "content"),
+        )
         for record in records:
-            by_role = {m.role: m.content for m in record.messages}
+            by_role = dict(map(role_content, record.messages))  # (no Python frame per message)
             user, assistant = by_role.get("user"), by_role.get("assistant")
             if len(by_role) < len(record.messages) or user is None or assistant is None:
                 return None

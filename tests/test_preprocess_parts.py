@@ -361,6 +361,20 @@ def test_encoder_gives_the_tokenizers_ids(tokenizer_dir, monkeypatch):
     assert encoder.backend == "tokenizers" and ids_of(encoder) == expected
 
 
+@pytest.mark.parametrize("texts, checked", [(["x" * 100_000] * 50, 3), (["word"] * 2000, 1024)])
+def test_the_first_batch_check_is_bounded(tokenizer_dir, monkeypatch, texts, checked):
+    """Both backends encode the first batch's first CHECK_TEXTS texts, or as many as make
+    CHECK_CHARS (2**18) characters: long documents do not cost seconds per worker."""
+    encoder = tok_lib.Encoder(str(tokenizer_dir / "tokenizer.json"))
+    sizes, check = [], encoder._keep_fast_if_it_agrees
+    monkeypatch.setattr(
+        encoder, "_keep_fast_if_it_agrees", lambda xs: (sizes.append(len(xs)), check(xs))
+    )
+    encoder(texts)
+    encoder(texts)
+    assert sizes == [checked]
+
+
 # Lines that a block of JSONL lines must treat as the record-by-record path does: for the views
 # `text` / `q,a-b` (fields) and `messages`.
 _U = {"role": "user", "content": "u"}
