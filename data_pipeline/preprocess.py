@@ -33,13 +33,14 @@ import numpy as np
 
 from data_pipeline import shards as shard_io
 from data_pipeline.sources import (
+    JSONL_KINDS,
     SKIP_REASONS,
     InputError,
     SkipRecord,
     Unit,
     ViewSpec,
     expand_inputs,
-    iter_jsonl_blocks,
+    iter_line_blocks,
     iter_records,
     join_parts,
     line_number_at,
@@ -206,9 +207,12 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
                 if batch.full:
                     flush(batch)
 
-        if unit.kind == "jsonl":  # a block of lines at a time, where every line is a record
-            records = _Counted(iter_jsonl_blocks(unit))
+        if unit.kind in JSONL_KINDS:  # a block of lines at a time, where every line is a record
+            records = _Counted(iter_line_blocks(unit))
             for first, lines in records:
+                if isinstance(lines, SkipRecord):  # (a damaged compressed file)
+                    take([(first, lines)])
+                    continue
                 texts = settings.views.extract_block(lines)
                 if texts is None:
                     take(parse_block(first, lines))

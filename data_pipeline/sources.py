@@ -31,7 +31,8 @@ _SCAN_FIRST, _SCAN_BLOCK = 4 << 10, 1 << 24  # reads while finding a line start:
 # msgspec's JSON decoder gives what json.loads gives for every document it accepts (big integers
 # included, unlike orjson); what it refuses is parsed again by json.loads.
 _decode_json = msgspec.json.Decoder().decode
-BLOCK_BYTES = 1 << 20  # plain JSONL is read and checked a block of lines at a time
+BLOCK_BYTES = 1 << 20  # JSONL is read and checked a block of lines at a time
+JSONL_KINDS = ("jsonl", "jsonl_gz", "jsonl_zst")
 
 
 class InputError(ValueError):
@@ -272,10 +273,17 @@ def iter_records(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, i
     """(index, record) of every record of the unit; unit.where(index) names it. The index is the
     line's, counted from the unit's first line (JSONL), or the row's. Returns the number of lines
     read (JSONL; 0 otherwise), which numbers the lines of the units after it."""
-    if unit.kind in ("jsonl", "jsonl_gz"):
-        return (yield from _iter_jsonl(unit))
-    if unit.kind == "jsonl_zst":
-        return (yield from _iter_jsonl_zst(unit))
+    if unit.kind in JSONL_KINDS:
+        blocks = iter_line_blocks(unit)
+        while True:
+            try:
+                first, lines = next(blocks)
+            except StopIteration as end:
+                return end.value  # the number of lines
+            if isinstance(lines, SkipRecord):
+                yield first, lines
+            else:
+                yield from parse_block(first, lines)
     yield from _iter_parquet(unit) if unit.kind == "parquet" else _iter_hf_disk(unit)
     return 0
 
@@ -301,42 +309,22 @@ def _parse_json_line(raw: bytes) -> dict | SkipRecord:
     return record
 
 
-def _iter_jsonl(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, int]:
-    if unit.kind == "jsonl":
-        blocks = iter_jsonl_blocks(unit)
-        while True:
-            try:
-                first, lines = next(blocks)
-            except StopIteration as end:
-                return end.value  # the number of lines
-            yield from parse_block(first, lines)
-    with gzip.open(unit.path, "rb") as f:
-        index = 0
-        lines = iter(f)
-        while True:
-            try:
-                raw = next(lines, None)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # only gzip raises these
-                # The lines read so far stay; the rest of the file is one counted skip.
-                yield index, _gzip_damage(e)
-                return index
-            if raw is None:
-                return index
-            if not raw.isspace():  # blank lines are not records (raw ends with its newline)
-                yield index, _parse_json_line(raw)
-            index += 1
-
-
 def parse_block(first: int, lines: list[bytes]) -> Iterator[tuple[int, dict | SkipRecord]]:
-    """(index, record) of every line of a block (iter_jsonl_blocks) that is not blank."""
+    """(index, record) of every line of a block (iter_line_blocks) that is not blank."""
     for index, raw in enumerate(lines, first):
         if raw and not raw.isspace():
             yield index, _parse_json_line(raw)
 
 
-def iter_jsonl_blocks(unit: Unit) -> Generator[tuple[int, list[bytes]], None, int]:
-    """The lines of a plain JSONL unit, BLOCK_BYTES at a time: (index of the block's first line,
-    its lines without their newlines, blank ones included). Returns the number of lines."""
+def iter_line_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], None, int]:
+    """The lines of a JSONL unit (plain, .gz or .zst), about BLOCK_BYTES at a time: (index of
+    the block's first line, its lines, blank ones included). A damaged compressed file ends with
+    (index of the line after the last read, SkipRecord): the lines before stay, the rest of the
+    file is one counted skip. Returns the number of lines."""
+    if unit.kind == "jsonl_gz":
+        return (yield from _gzip_blocks(unit))
+    if unit.kind == "jsonl_zst":
+        return (yield from _zstd_blocks(unit))
     with open(unit.path, "rb") as f:
         f.seek(unit.start)
         left, index, pieces = unit.end - unit.start, 0, []  # pieces: a line not yet ended
@@ -349,9 +337,8 @@ def iter_jsonl_blocks(unit: Unit) -> Generator[tuple[int, list[bytes]], None, in
             if not cut:
                 pieces.append(chunk)
                 continue
-            block = b"".join([*pieces, chunk[: cut - 1]])
+            lines = b"".join([*pieces, chunk[: cut - 1]]).split(b"\n")
             pieces = [chunk[cut:]] if cut < len(chunk) else []
-            lines = block.split(b"\n")
             yield index, lines
             index += len(lines)
         if pieces:  # a last line without its newline
@@ -360,32 +347,46 @@ def iter_jsonl_blocks(unit: Unit) -> Generator[tuple[int, list[bytes]], None, in
         return index
 
 
-def _iter_jsonl_zst(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, int]:
-    """A zstd-compressed JSONL file (Dolma, The Pile), streamed: its frames one after the other.
-    The lines before damage stay; the rest of the file is one counted skip."""
+def _gzip_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], None, int]:
+    index, block, size = 0, [], 0
+    with gzip.open(unit.path, "rb") as f:
+        try:
+            for raw in f:  # (lines keep their newline: JSON whitespace)
+                block.append(raw)
+                size += len(raw)
+                if size >= BLOCK_BYTES:
+                    yield index, block
+                    index, block, size = index + len(block), [], 0
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # only gzip raises these
+            if block:
+                yield index, block
+            yield index + len(block), _gzip_damage(e)
+            return index + len(block)
+    if block:
+        yield index, block
+    return index + len(block)
+
+
+def _zstd_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], None, int]:
+    """A zstd-compressed JSONL file (Dolma, The Pile), streamed: its frames one after the other."""
     import zstandard
 
     index, pending = 0, b""
     try:
         for chunk in _zstd_chunks(unit.path, zstandard):
             *lines, pending = (pending + chunk).split(b"\n")
-            for raw in lines:
-                if raw and not raw.isspace():
-                    yield index, _parse_json_line(raw)
-                index += 1
+            if lines:
+                yield index, lines
+                index += len(lines)
     except EOFError:
-        yield (
-            index,
-            SkipRecord(
-                "truncated_zstd", "compressed data ends early (file cut short); the rest is lost"
-            ),
-        )
+        why = "compressed data ends early (file cut short); the rest is lost"
+        yield index, SkipRecord("truncated_zstd", why)
         return index
     except zstandard.ZstdError as e:
         yield index, SkipRecord("bad_zstd", f"{e}; the rest of the file is lost")
         return index
-    if pending.strip():  # a last line without its newline
-        yield index, _parse_json_line(pending)
+    if pending:  # a last line without its newline
+        yield index, [pending]
     return index + 1
 
 
@@ -482,7 +483,7 @@ class ViewSpec:
         return views
 
     def extract_block(self, lines: list[bytes]) -> list[str] | None:
-        """The views of every line of a block (iter_jsonl_blocks), len(names) per line back to
+        """The views of every line of a block (iter_line_blocks), len(names) per line back to
         back: what extract gives, record by record. None when some line is not a plain valid
         record (blank, not UTF-8 or not JSON, a view missing, not a string or empty, a repeated
         role): the caller then takes that block record by record, which names the reason. Typed

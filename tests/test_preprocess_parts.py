@@ -447,7 +447,7 @@ def test_blocks_of_lines_are_the_lines_of_every_unit(tmp_path, monkeypatch, bloc
         path = tmp_path / f"t{trial}.jsonl"
         path.write_bytes(data)
         for unit in sources.plan_units([path], rng.choice([1, 100, 5000, 1 << 20])):
-            blocks = sources.iter_jsonl_blocks(unit)
+            blocks = sources.iter_line_blocks(unit)
             got, index = [], 0
             while True:
                 try:
@@ -462,9 +462,11 @@ def test_blocks_of_lines_are_the_lines_of_every_unit(tmp_path, monkeypatch, bloc
             assert count == len(got)
 
 
-def test_blocks_and_records_write_the_same_bytes(tmp_path, tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "jsonl.zst"])
+def test_blocks_and_records_write_the_same_bytes(tmp_path, tokenizer_dir, monkeypatch, kind):
     """A corpus with every kind of line above spread through it: read in blocks (of any size)
-    or record by record, preprocessing writes the same bytes and names the same skips."""
+    or record by record, plain or compressed (a truncated file too), preprocessing writes the
+    same bytes and names the same skips."""
     lines = []
     for i, line in enumerate((BUNDLED / "train.jsonl").read_bytes().splitlines()):
         lines.append(line if i % 97 else line + b"\r")
@@ -472,17 +474,34 @@ def test_blocks_and_records_write_the_same_bytes(tmp_path, tokenizer_dir, monkey
             lines.append(TRICKY[(i // 41) % len(TRICKY)])
         if i % 500 == 9:
             lines.append(json.dumps(chat("x " * 600, "y")).encode())
-    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines))
+    data = b"\n".join(lines)
+    inputs = [tmp_path / f"in.{kind}"]
+    if kind == "jsonl":
+        inputs[0].write_bytes(data)
+    else:
+        import gzip
+
+        import zstandard
+
+        compress = gzip.compress if kind.endswith("gz") else zstandard.compress
+        inputs[0].write_bytes(compress(data))
+        inputs.append(tmp_path / f"cut.{kind}")  # damaged: the lines before stay, one skip
+        inputs[1].write_bytes(compress(data)[:-300])
     kw = dict(shard_bytes=300_000, max_record_tokens=200, val_fraction=0.1)
-    blocks = run(tmp_path / "in.jsonl", tmp_path / "blocks", tokenizer_dir, **kw)
-    assert {"bad_json", "bad_utf8", "bad_record", "missing_view", "empty_view",
-            "too_long"} <= set(blocks["skipped"])  # fmt: skip
-    monkeypatch.setattr(sources, "BLOCK_BYTES", 300)
-    assert run(tmp_path / "in.jsonl", tmp_path / "small", tokenizer_dir, **kw) == blocks
-    assert_same_files(tmp_path / "blocks", tmp_path / "small")
-    monkeypatch.setattr(sources.ViewSpec, "extract_block", lambda self, lines: None)
-    assert run(tmp_path / "in.jsonl", tmp_path / "records", tokenizer_dir, **kw) == blocks
-    assert_same_files(tmp_path / "blocks", tmp_path / "records")
+    for path in inputs:
+        blocks = run(path, tmp_path / f"blocks-{path.name}", tokenizer_dir, **kw)
+        assert {"bad_json", "bad_utf8", "bad_record", "missing_view", "empty_view",
+                "too_long"} <= set(blocks["skipped"])  # fmt: skip
+        with monkeypatch.context() as m:
+            m.setattr(sources, "BLOCK_BYTES", 300)
+            assert run(path, tmp_path / f"small-{path.name}", tokenizer_dir, **kw) == blocks
+        with monkeypatch.context() as m:
+            m.setattr(sources.ViewSpec, "extract_block", lambda self, lines: None)
+            assert run(path, tmp_path / f"records-{path.name}", tokenizer_dir, **kw) == blocks
+        for other in ("small", "records"):
+            assert_same_files(tmp_path / f"blocks-{path.name}", tmp_path / f"{other}-{path.name}")
+    if kind != "jsonl":
+        assert set(blocks["skipped"]) & {"truncated_gzip", "truncated_zstd"}
 
 
 def test_the_split_in_batches_is_the_split_of_each_record():
