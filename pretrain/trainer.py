@@ -531,6 +531,9 @@ def train(cfg: TrainConfig) -> None:
             raise SystemExit(STOP)
         start_inputs(run)
         loop(run)
+    except SystemExit as e:  # an agreed stop is raised by every rank after the same collective:
+        teardown(run, clean=e.code == STOP)  # the barrier is safe (else the exit aborts at times)
+        raise
     except BaseException:
         teardown(run, clean=False)  # no barrier: the other ranks may be stuck in a collective
         raise
