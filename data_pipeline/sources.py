@@ -504,11 +504,8 @@ class ViewSpec:
         return texts  # (valid UTF-8 holds no lone surrogate)
 
     def _messages_block(self, records: list) -> list[str] | None:
-        texts, prefix, role_content = (
-            [],
-            self.system_prompt == "prefix",
-            attrgetter("role", "content"),
-        )
+        texts: list[str] = []
+        prefix, role_content = self.system_prompt == "prefix", attrgetter("role", "content")
         for record in records:
             by_role = dict(map(role_content, record.messages))  # (no Python frame per message)
             user, assistant = by_role.get("user"), by_role.get("assistant")
