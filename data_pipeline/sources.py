@@ -327,24 +327,35 @@ def iter_line_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecor
         return (yield from _zstd_blocks(unit))
     with open(unit.path, "rb") as f:
         f.seek(unit.start)
-        left, index, pieces = unit.end - unit.start, 0, []  # pieces: a line not yet ended
-        while left > 0:
-            chunk = f.read(min(BLOCK_BYTES, left))
-            if not chunk:  # (the file is shorter than when it was planned)
-                break
-            left -= len(chunk)
-            cut = chunk.rfind(b"\n") + 1
-            if not cut:
-                pieces.append(chunk)
-                continue
-            lines = b"".join([*pieces, chunk[: cut - 1]]).split(b"\n")
-            pieces = [chunk[cut:]] if cut < len(chunk) else []
+        index = 0
+        for lines in _split_lines(_chunks(f, unit.end - unit.start)):
             yield index, lines
             index += len(lines)
-        if pieces:  # a last line without its newline
-            yield index, [b"".join(pieces)]
-            index += 1
         return index
+
+
+def _chunks(f, size: int) -> Iterator[bytes]:
+    """`size` bytes of f (fewer if it ends sooner), BLOCK_BYTES at a time."""
+    while size > 0 and (chunk := f.read(min(BLOCK_BYTES, size))):
+        size -= len(chunk)
+        yield chunk
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[list[bytes]]:
+    """The lines of a byte stream, without their newlines, a chunk's worth at a time (a line
+    longer than a chunk waits for its end, without copying it again per chunk); a last line
+    without its newline comes last, alone."""
+    pieces: list[bytes] = []  # a line not yet ended
+    for chunk in chunks:
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:
+            pieces.append(chunk)
+            continue
+        lines = b"".join([*pieces, chunk[: cut - 1]]).split(b"\n")
+        pieces = [chunk[cut:]] if cut < len(chunk) else []
+        yield lines
+    if pieces:
+        yield [b"".join(pieces)]
 
 
 def _gzip_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], None, int]:
@@ -371,13 +382,11 @@ def _zstd_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], 
     """A zstd-compressed JSONL file (Dolma, The Pile), streamed: its frames one after the other."""
     import zstandard
 
-    index, pending = 0, b""
+    index = 0
     try:
-        for chunk in _zstd_chunks(unit.path, zstandard):
-            *lines, pending = (pending + chunk).split(b"\n")
-            if lines:
-                yield index, lines
-                index += len(lines)
+        for lines in _split_lines(_zstd_chunks(unit.path, zstandard)):
+            yield index, lines
+            index += len(lines)
     except EOFError:
         why = "compressed data ends early (file cut short); the rest is lost"
         yield index, SkipRecord("truncated_zstd", why)
@@ -385,9 +394,7 @@ def _zstd_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], 
     except zstandard.ZstdError as e:
         yield index, SkipRecord("bad_zstd", f"{e}; the rest of the file is lost")
         return index
-    if pending:  # a last line without its newline
-        yield index, [pending]
-    return index + 1
+    return index
 
 
 def _zstd_chunks(path: str, zstandard) -> Iterator[bytes]:

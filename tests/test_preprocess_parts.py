@@ -439,6 +439,12 @@ def test_a_block_of_lines_gives_what_its_records_give(views, system_prompt):
 
 @pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 20])
 def test_blocks_of_lines_are_the_lines_of_every_unit(tmp_path, monkeypatch, block_bytes):
+    """Plain units (any cut) and whole compressed files: every line once, in order, blocks
+    numbered by their first line; the count returned is the number of lines."""
+    import gzip
+
+    import zstandard
+
     monkeypatch.setattr(sources, "BLOCK_BYTES", block_bytes)
     rng = random.Random(block_bytes)
     for trial in range(40):
@@ -446,7 +452,19 @@ def test_blocks_of_lines_are_the_lines_of_every_unit(tmp_path, monkeypatch, bloc
         data = b"\n".join(lines) + (b"\n" if rng.random() < 0.7 else b"")
         path = tmp_path / f"t{trial}.jsonl"
         path.write_bytes(data)
-        for unit in sources.plan_units([path], rng.choice([1, 100, 5000, 1 << 20])):
+        (tmp_path / f"t{trial}.jsonl.gz").write_bytes(gzip.compress(data))
+        (tmp_path / f"t{trial}.jsonl.zst").write_bytes(zstandard.compress(data))
+        units = [
+            (u, data[u.start : u.end])
+            for u in sources.plan_units([path], rng.choice([1, 100, 5000, 1 << 20]))
+        ]
+        units += [
+            (u, data)
+            for u in sources.plan_units(
+                [tmp_path / f"t{trial}.jsonl.gz", tmp_path / f"t{trial}.jsonl.zst"], 1 << 20
+            )
+        ]
+        for unit, expected in units:
             blocks = sources.iter_line_blocks(unit)
             got, index = [], 0
             while True:
@@ -458,7 +476,7 @@ def test_blocks_of_lines_are_the_lines_of_every_unit(tmp_path, monkeypatch, bloc
                 assert first == index
                 got += block
                 index += len(block)
-            assert got == data[unit.start : unit.end].splitlines()
+            assert got == expected.splitlines(keepends=unit.kind == "jsonl_gz"), unit
             assert count == len(got)
 
 
