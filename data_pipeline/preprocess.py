@@ -41,9 +41,11 @@ from data_pipeline.sources import (
     ViewSpec,
     expand_inputs,
     iter_line_blocks,
+    iter_parquet_batches,
     iter_records,
     join_parts,
     line_number_at,
+    parquet_rows,
     parse_block,
     plan_parts,
 )
@@ -207,25 +209,35 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
                 if batch.full:
                     flush(batch)
 
+        def take_block(first: int, texts: list[str], n: int) -> None:
+            """n valid records, from index `first` on, their views back to back."""
+            nonlocal input_records
+            batch.add_block(input_records + 1, first, texts, n)
+            input_records += n
+            if batch.full:
+                flush(batch)
+
+        views, lines = settings.views, 0
         if unit.kind in JSONL_KINDS:  # a block of lines at a time, where every line is a record
-            records = _Counted(iter_line_blocks(unit))
-            for first, lines in records:
-                if isinstance(lines, SkipRecord):  # (a damaged compressed file)
-                    take([(first, lines)])
-                    continue
-                texts = settings.views.extract_block(lines)
-                if texts is None:
-                    take(parse_block(first, lines))
-                    continue
-                batch.add_block(input_records + 1, first, texts, len(lines))
-                input_records += len(lines)
-                if batch.full:
-                    flush(batch)
+            blocks = _Counted(iter_line_blocks(unit))
+            for first, block in blocks:
+                if isinstance(block, SkipRecord):  # (a damaged compressed file)
+                    take([(first, block)])
+                elif (texts := views.extract_block(block)) is not None:
+                    take_block(first, texts, len(block))
+                else:  # some line is not a plain valid record: each one's reason
+                    take(parse_block(first, block))
+            lines = blocks.lines
+        elif unit.kind == "parquet":  # the view columns only, a batch of rows at a time
+            for first, rows in iter_parquet_batches(unit, views.columns):
+                if (texts := views.extract_columns(rows)) is not None:
+                    take_block(first, texts, rows.num_rows)
+                else:
+                    take(parquet_rows(first, rows))
         else:
-            records = _Counted(iter_records(unit))
-            take(records)
+            take(iter_records(unit))
         flush(batch)
-        meta = {"input_records": input_records, "lines": records.lines, "skipped": dict(skipped),
+        meta = {"input_records": input_records, "lines": lines, "skipped": dict(skipped),
                 "examples": sorted(examples)[:MAX_SKIP_EXAMPLES], "damaged_files": damaged}  # fmt: skip
         if part is not None:
             for w in writers.values():

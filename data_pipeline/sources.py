@@ -426,15 +426,28 @@ def _gzip_damage(e: Exception) -> SkipRecord:
 
 
 def _iter_parquet(unit: Unit) -> Iterator[tuple[int, dict]]:
+    for first, rows in iter_parquet_batches(unit):
+        yield from parquet_rows(first, rows)
+
+
+def iter_parquet_batches(unit: Unit, columns: tuple[str, ...] | None = None) -> Iterator[tuple]:
+    """(index of its first row, pyarrow RecordBatch) of a Parquet unit, 1,024 rows at a time:
+    every column, or those of `columns` the file has (all when it has none of them)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(unit.path)
+    if columns is not None:
+        columns = [c for c in columns if c in pf.schema_arrow.names] or None
     row = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
     for g in range(unit.start, unit.end):
-        for batch in pf.iter_batches(batch_size=1024, row_groups=[g]):
-            for record in batch.to_pylist():
-                yield row, record
-                row += 1
+        for rows in pf.iter_batches(batch_size=1024, row_groups=[g], columns=columns):
+            yield row, rows
+            row += rows.num_rows
+
+
+def parquet_rows(first: int, rows) -> Iterator[tuple[int, dict]]:
+    """(index, record) of every row of a batch (iter_parquet_batches)."""
+    yield from enumerate(rows.to_pylist(), first)
 
 
 def _iter_hf_disk(unit: Unit) -> Iterator[tuple[int, dict]]:
@@ -509,6 +522,32 @@ class ViewSpec:
         if not all(texts) or any(map(str.isspace, texts)):  # (an empty view: record by record)
             return None
         return texts  # (valid UTF-8 holds no lone surrogate)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The fields of a record that extract reads."""
+        return ("messages",) if self.mode == "messages" else self.fields
+
+    def extract_columns(self, rows) -> list[str] | None:
+        """The views of every row of a pyarrow RecordBatch, as extract_block gives them for
+        lines: named fields that are string columns without nulls, empty or blank values, one
+        column conversion each. None otherwise (then row by row)."""
+        import pyarrow as pa
+
+        if self.mode != "fields" or any(f not in rows.schema.names for f in self.fields):
+            return None
+        columns = []
+        for name in self.fields:
+            column = rows.column(name)
+            if column.null_count or not (
+                pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            ):
+                return None
+            columns.append(column.to_pylist())
+        texts = columns[0] if len(columns) == 1 else list(itertools.chain(*zip(*columns)))
+        if not all(texts) or any(map(str.isspace, texts)):
+            return None
+        return texts  # (UTF-8 from Arrow: no lone surrogate)
 
     def _messages_block(self, records: list) -> list[str] | None:
         texts: list[str] = []

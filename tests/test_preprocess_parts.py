@@ -542,3 +542,52 @@ def test_the_split_in_batches_is_the_split_of_each_record():
             assert mask.tolist() == [reference(r, fraction) for r in records]
             assert pre.is_validation(records[0], fraction) == reference(records[0], fraction)
         assert 0.4 < pre.validation_mask(texts, n_views, 0.5).mean() < 0.6
+
+
+def test_parquet_columns_and_rows_write_the_same_bytes(tmp_path, tokenizer_dir, monkeypatch):
+    """Parquet: the view columns read whole (when they are strings without nulls, empty or
+    blank values), row by row otherwise, or every column row by row: the same bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    q, a, messages = [], [], []
+    for i, line in enumerate((BUNDLED / "train.jsonl").read_text().splitlines()):
+        by_role = {m["role"]: m["content"] for m in json.loads(line)["messages"]}
+        user = (
+            None if i % 37 == 3 else "" if i % 53 == 4 else "  " if i % 71 == 5 else by_role["user"]
+        )
+        user = "x " * 600 if i % 400 == 6 else user
+        q.append(user)
+        a.append(by_role["assistant"])
+        messages.append(
+            [{"role": "user", "content": user or ""}, {"role": "assistant", "content": a[-1]}]
+        )
+    table = pa.table({"q": pa.array(q, pa.string()), "a": pa.array(a, pa.large_string()),
+                      "n": list(range(len(q))), "messages": messages})  # fmt: skip
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=1500)
+    kw = dict(progress=False, shard_bytes=300_000, max_record_tokens=200, val_fraction=0.1)
+
+    def run_views(views: str, out: str) -> dict:
+        return pre.preprocess(
+            str(tmp_path / "in.parquet"), views, str(tokenizer_dir), str(tmp_path / out), **kw
+        )
+
+    def every_column(unit, columns):
+        return sources.iter_parquet_batches(unit)
+
+    for views in ("q,a", "a", "messages"):
+        columns = run_views(views, f"columns-{views}")
+        if views == "q,a":
+            assert {"missing_view", "empty_view", "too_long"} <= set(columns["skipped"])
+        with monkeypatch.context() as m:
+            m.setattr(sources.ViewSpec, "extract_columns", lambda self, rows: None)
+            assert run_views(views, f"rows-{views}") == columns
+        with monkeypatch.context() as m:
+            m.setattr(pre, "iter_parquet_batches", every_column)
+            assert run_views(views, f"all-{views}") == columns
+        for other in ("rows", "all"):
+            assert_same_files(tmp_path / f"columns-{views}", tmp_path / f"{other}-{views}")
+    rows = pq.read_table(tmp_path / "in.parquet").to_batches()[0]
+    assert sources.ViewSpec.parse("a").extract_columns(rows) == a[: rows.num_rows]
+    for views in ("q,a", "a,n", "a,missing", "messages"):  # a null; int; no column; not fields
+        assert sources.ViewSpec.parse(views).extract_columns(rows) is None
