@@ -35,6 +35,7 @@ from data_pipeline import shards as shard_io
 from data_pipeline.sources import (
     JSONL_KINDS,
     SKIP_REASONS,
+    Counted,
     InputError,
     SkipRecord,
     Unit,
@@ -219,7 +220,7 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
 
         views, lines = settings.views, 0
         if unit.kind in JSONL_KINDS:  # a block of lines at a time, where every line is a record
-            blocks = _Counted(iter_line_blocks(unit))
+            blocks = Counted(iter_line_blocks(unit))
             for first, block in blocks:
                 if isinstance(block, SkipRecord):  # (a damaged compressed file)
                     take([(first, block)])
@@ -285,16 +286,6 @@ class _Batch:
         for column in (self.numbers, self.indexes, self.texts):
             column.clear()
         self.chars = 0
-
-
-class _Counted:
-    """Iterates a generator and keeps what it returns (iter_records: the lines it read)."""
-
-    def __init__(self, gen):
-        self.gen, self.lines = gen, 0
-
-    def __iter__(self):
-        self.lines = yield from self.gen
 
 
 def _unit_meta(unit: Unit, parts: list[dict]) -> dict:

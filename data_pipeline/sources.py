@@ -263,6 +263,17 @@ def _plan_hf_disk(path: Path, shard_bytes: int, part_bytes: int) -> list[list[Un
 # Streaming records: (location, record dict) or (location, SkipRecord)
 
 
+class Counted:
+    """Iterates a generator and keeps what it returns (iter_records, iter_line_blocks: the
+    number of lines they read)."""
+
+    def __init__(self, gen):
+        self.gen, self.lines = gen, 0
+
+    def __iter__(self):
+        self.lines = yield from self.gen
+
+
 def iter_unit(unit: Unit) -> Iterator[tuple[str, dict | SkipRecord]]:
     """(location, record) of every record of the unit: iter_records, with locations named."""
     for index, record in iter_records(unit):
@@ -274,16 +285,13 @@ def iter_records(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, i
     line's, counted from the unit's first line (JSONL), or the row's. Returns the number of lines
     read (JSONL; 0 otherwise), which numbers the lines of the units after it."""
     if unit.kind in JSONL_KINDS:
-        blocks = iter_line_blocks(unit)
-        while True:
-            try:
-                first, lines = next(blocks)
-            except StopIteration as end:
-                return end.value  # the number of lines
+        blocks = Counted(iter_line_blocks(unit))
+        for first, lines in blocks:
             if isinstance(lines, SkipRecord):
                 yield first, lines
             else:
                 yield from parse_block(first, lines)
+        return blocks.lines
     yield from _iter_parquet(unit) if unit.kind == "parquet" else _iter_hf_disk(unit)
     return 0
 
@@ -519,9 +527,7 @@ class ViewSpec:
             texts = views if len(self.fields) == 1 else list(itertools.chain.from_iterable(views))
         elif (texts := self._messages_block(records)) is None:
             return None
-        if not all(texts) or any(map(str.isspace, texts)):  # (an empty view: record by record)
-            return None
-        return texts  # (valid UTF-8 holds no lone surrogate)
+        return _none_if_blank(texts)  # (valid UTF-8 holds no lone surrogate)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -545,9 +551,7 @@ class ViewSpec:
                 return None
             columns.append(column.to_pylist())
         texts = columns[0] if len(columns) == 1 else list(itertools.chain(*zip(*columns)))
-        if not all(texts) or any(map(str.isspace, texts)):
-            return None
-        return texts  # (UTF-8 from Arrow: no lone surrogate)
+        return _none_if_blank(texts)  # (UTF-8 from Arrow: no lone surrogate)
 
     def _messages_block(self, records: list) -> list[str] | None:
         texts: list[str] = []
@@ -598,6 +602,11 @@ class ViewSpec:
         if self.system_prompt == "prefix" and by_role.get("system", "").strip():
             user = f"{by_role['system']}\n\n{user}"
         return [user, by_role["assistant"]]
+
+
+def _none_if_blank(texts: list[str]) -> list[str] | None:
+    """texts, or None when one is empty or blank (record by record, that view is named)."""
+    return None if not all(texts) or any(map(str.isspace, texts)) else texts
 
 
 @functools.cache
