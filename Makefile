@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup test demo lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py data_pipeline/_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Without CUDA, install the CPU build of torch first so nothing pulls the multi-GB CUDA build.

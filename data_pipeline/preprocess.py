@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import shards as shard_io
+from data_pipeline.native import native
 from data_pipeline.sources import (
     JSONL_KINDS,
     SKIP_REASONS,
@@ -102,14 +103,18 @@ _blake2b_8 = functools.partial(hashlib.blake2b, digest_size=8)
 def validation_mask(texts: list[str], n_views: int, val_fraction: float) -> np.ndarray:
     """is_validation of every record of `texts` (n_views views each, back to back): blake2b of
     its views joined by U+001F, read as a little-endian fraction of 2^64, below val_fraction.
-    The calls chain in C (map), no Python frame per record; float64(h) / 2^64 is Python's
-    correctly rounded int(h) / 2**64 (dividing by a power of two only shifts the exponent).
+    In C where built (data_pipeline/_native.c), else the calls chain in C (map), no Python
+    frame per record. float64(h) / 2^64 is Python's correctly rounded int(h) / 2**64
+    (dividing by a power of two only shifts the exponent).
     Views hold no lone surrogate (extract skips those), so plain UTF-8 is their bytes."""
     n = len(texts) // n_views
     if val_fraction <= 0:
         return np.zeros(n, bool)
-    joined = texts if n_views == 1 else map("\x1f".join, zip(*[iter(texts)] * n_views))
-    digests = b"".join(map(hashlib.blake2b.digest, map(_blake2b_8, map(str.encode, joined))))
+    if native is not None:
+        digests = native.split_digests(texts, n_views)
+    else:
+        joined = texts if n_views == 1 else map("\x1f".join, zip(*[iter(texts)] * n_views))
+        digests = b"".join(map(hashlib.blake2b.digest, map(_blake2b_8, map(str.encode, joined))))
     return np.frombuffer(digests, "<u8").astype(np.float64) / 2.0**64 < val_fraction
 
 
@@ -642,6 +647,9 @@ def preprocess(
         val_fraction=val_fraction, shard_bytes=shard_bytes, lm_views=lm,
         lm_loss_views=lm if lm_loss_views in (None, "all") else loss_views,
     )  # fmt: skip
+    if native is None and os.environ.get("LLM_JEPA_PURE_PYTHON") != "1":
+        print("[preprocess] data_pipeline/_native.c is not built (no C compiler at install?): "
+              "split hash and record CRCs run in Python (same output, slower)", file=sys.stderr)  # fmt: skip
     out_dir = Path(out)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     units, parts = plan_once(out_dir, paths, settings, shard_bytes)
