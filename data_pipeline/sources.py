@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from data_pipeline.native import native
 from data_pipeline.tokenizer import lone_surrogate
 
 SKIP_REASONS = ("bad_json", "bad_utf8", "lone_surrogate", "bad_record", "missing_view",
@@ -554,8 +555,13 @@ class ViewSpec:
         return _none_if_blank(texts)  # (UTF-8 from Arrow: no lone surrogate)
 
     def _messages_block(self, records: list) -> list[str] | None:
+        """The user and assistant views of decoded chat records; None where a record repeats a
+        role, lacks one of them, or has a blank user under a system prefix."""
+        prefix = self.system_prompt == "prefix"
+        if native is not None:  # the same, in C (data_pipeline/_native.c)
+            return native.messages_views(records, prefix)
         texts: list[str] = []
-        prefix, role_content = self.system_prompt == "prefix", attrgetter("role", "content")
+        role_content = attrgetter("role", "content")
         for record in records:
             by_role = dict(map(role_content, record.messages))  # (no Python frame per message)
             user, assistant = by_role.get("user"), by_role.get("assistant")

@@ -111,3 +111,33 @@ def test_preprocessing_writes_the_same_bytes_in_c_and_in_python(
     assert run(corpus, tmp_path / "python", tokenizer_dir, **kw) == in_c
     assert in_c["splits"]["val"]["records"] > 0
     assert_same_files(tmp_path / "c", tmp_path / "python")
+
+
+@needs_native
+@pytest.mark.parametrize("system_prompt", ["drop", "prefix"])
+def test_messages_views_are_the_python_views(monkeypatch, system_prompt):
+    """Random chat records (roles repeated or missing, blank contents, up to 10 messages): per
+    record and per block, the C views are ViewSpec._messages_block's."""
+    import json
+
+    from data_pipeline import sources
+
+    spec = sources.ViewSpec.parse("messages", system_prompt)
+    decode = sources._block_decoder("messages", ())
+    rng = random.Random(0)
+    roles, contents = ["user", "assistant", "system", "tool", "é"], ["", " ", "\u3000", "x", "é y"]
+    records = [
+        decode(json.dumps({"messages": [
+            {"role": rng.choice(roles), "content": rng.choice(contents)}
+            for _ in range(rng.choice([0, 1, 2, 2, 3, 3, 3, 4, 9, 10]))]}))
+        for _ in range(3000)
+    ]  # fmt: skip
+    in_c = [native.messages_views([r], system_prompt == "prefix") for r in records]
+    monkeypatch.setattr(sources, "native", None)
+    in_python = [spec._messages_block([r]) for r in records]
+    many = [len(r.messages) > 8 for r in records]  # (left to the record-by-record path in C)
+    assert [c for c, m in zip(in_c, many) if not m] == [p for p, m in zip(in_python, many) if not m]
+    assert all(c is None for c, m in zip(in_c, many) if m)
+    assert sum(c is not None for c in in_c) > 100
+    good = [r for r, c in zip(records, in_c) if c is not None]
+    assert native.messages_views(good, system_prompt == "prefix") == spec._messages_block(good)
