@@ -13,6 +13,7 @@ finished writes manifest.json. Format: data_pipeline/README.md.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,17 +173,18 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
         """Encodes a batch, skips what is too long or empty, writes the rest (numpy, no Python
         work per token)."""
         ids, lengths = encode(batch.texts)
-        n = len(batch.numbers)
+        n = batch.records
         lengths = lengths.reshape(n, n_views)
         sizes = lengths.sum(axis=1)
         too_long = sizes > settings.max_record_tokens
         empty = (lengths == 0).any(axis=1) & ~too_long
-        for i in np.flatnonzero(too_long | empty).tolist():
+        dropped = np.flatnonzero(too_long | empty).tolist()
+        for i, (number, index) in zip(dropped, batch.origins(dropped)):
             if too_long[i]:
                 reason = SkipRecord("too_long", f"{sizes[i]} tokens > {settings.max_record_tokens}")
             else:
                 reason = SkipRecord("empty_view", "a view has no tokens")
-            skip(batch.indexes[i], reason, batch.numbers[i])
+            skip(index, reason, number)
         keep = ~(too_long | empty)
         val = validation_mask(batch.texts, n_views, settings.val_fraction)
         for split, records in (("train", keep & ~val), ("val", keep & val)):
@@ -261,36 +264,43 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
 
 
 class _Batch:
-    """Records waiting for one tokenizer call: their numbers, line (or row) indices and views
-    (n_views texts each, back to back)."""
+    """Records waiting for one tokenizer call: their views (n_views texts each, back to back)
+    and where they came from, as runs of consecutive records (first record number, first line
+    or row index, count): a block of lines is one run, not a Python int per record."""
 
     def __init__(self):
-        self.numbers: list[int] = []
-        self.indexes: list[int] = []
+        self.runs: list[tuple[int, int, int]] = []
         self.texts: list[str] = []
+        self.records = 0
         self.chars = 0
 
     def add(self, number: int, index: int, views: list[str]) -> None:
-        self.numbers.append(number)
-        self.indexes.append(index)
-        self.texts += views
-        self.chars += sum(map(len, views))
+        self.add_block(number, index, views, 1)
 
     def add_block(self, number: int, index: int, texts: list[str], n: int) -> None:
         """n records numbered from `number`, on the lines from `index` on."""
-        self.numbers += range(number, number + n)
-        self.indexes += range(index, index + n)
+        self.runs.append((number, index, n))
         self.texts += texts
+        self.records += n
         self.chars += sum(map(len, texts))
+
+    def origins(self, positions: list[int]) -> Iterator[tuple[int, int]]:
+        """(record number, line or row index) of the batch's records at these positions."""
+        ends = list(itertools.accumulate(n for _, _, n in self.runs))
+        for i in positions:
+            run = bisect.bisect_right(ends, i)
+            number, index, n = self.runs[run]
+            offset = i - (ends[run] - n)
+            yield number + offset, index + offset
 
     @property
     def full(self) -> bool:
-        return self.chars >= ENCODE_CHARS or len(self.numbers) >= ENCODE_BATCH
+        return self.chars >= ENCODE_CHARS or self.records >= ENCODE_BATCH
 
     def clear(self) -> None:
-        for column in (self.numbers, self.indexes, self.texts):
-            column.clear()
-        self.chars = 0
+        self.runs.clear()
+        self.texts.clear()
+        self.records = self.chars = 0
 
 
 def _unit_meta(unit: Unit, parts: list[dict]) -> dict:
