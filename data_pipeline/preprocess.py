@@ -233,7 +233,7 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
                 if isinstance(block, SkipRecord):  # (a damaged compressed file)
                     take([(first, block)])
                 elif (texts := views.extract_block(block)) is not None:
-                    take_block(first, texts, len(block))
+                    take_block(first, texts, len(texts) // n_views)
                 else:  # some line is not a plain valid record: each one's reason
                     take(parse_block(first, block))
             lines = blocks.lines

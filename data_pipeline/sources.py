@@ -287,11 +287,11 @@ def iter_records(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, i
     read (JSONL; 0 otherwise), which numbers the lines of the units after it."""
     if unit.kind in JSONL_KINDS:
         blocks = Counted(iter_line_blocks(unit))
-        for first, lines in blocks:
-            if isinstance(lines, SkipRecord):
-                yield first, lines
+        for first, block in blocks:
+            if isinstance(block, SkipRecord):
+                yield first, block
             else:
-                yield from parse_block(first, lines)
+                yield from parse_block(first, block)
         return blocks.lines
     yield from _iter_parquet(unit) if unit.kind == "parquet" else _iter_hf_disk(unit)
     return 0
@@ -318,16 +318,17 @@ def _parse_json_line(raw: bytes) -> dict | SkipRecord:
     return record
 
 
-def parse_block(first: int, lines: list[bytes]) -> Iterator[tuple[int, dict | SkipRecord]]:
+def parse_block(first: int, block: bytes) -> Iterator[tuple[int, dict | SkipRecord]]:
     """(index, record) of every line of a block (iter_line_blocks) that is not blank."""
-    for index, raw in enumerate(lines, first):
+    for index, raw in enumerate(block.split(b"\n"), first):
         if raw and not raw.isspace():
             yield index, _parse_json_line(raw)
 
 
-def iter_line_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], None, int]:
+def iter_line_blocks(unit: Unit) -> Generator[tuple[int, bytes | SkipRecord], None, int]:
     """The lines of a JSONL unit (plain, .gz or .zst), about BLOCK_BYTES at a time: (index of
-    the block's first line, its lines, blank ones included). A damaged compressed file ends with
+    the block's first line, the block: whole lines, blank ones included, joined by newlines,
+    without the last one's; block.count(b"\n") + 1 lines). A damaged compressed file ends with
     (index of the line after the last read, SkipRecord): the lines before stay, the rest of the
     file is one counted skip. Returns the number of lines."""
     if unit.kind == "jsonl_gz":
@@ -337,9 +338,9 @@ def iter_line_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecor
     with open(unit.path, "rb") as f:
         f.seek(unit.start)
         index = 0
-        for lines in _split_lines(_chunks(f, unit.end - unit.start)):
-            yield index, lines
-            index += len(lines)
+        for block in _line_blocks(_chunks(f, unit.end - unit.start)):
+            yield index, block
+            index += block.count(b"\n") + 1
         return index
 
 
@@ -350,52 +351,59 @@ def _chunks(f, size: int) -> Iterator[bytes]:
         yield chunk
 
 
-def _split_lines(chunks: Iterator[bytes]) -> Iterator[list[bytes]]:
-    """The lines of a byte stream, without their newlines, a chunk's worth at a time (a line
-    longer than a chunk waits for its end, without copying it again per chunk); a last line
-    without its newline comes last, alone."""
+def _line_blocks(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """A byte stream as blocks of whole lines (iter_line_blocks), a chunk's worth at a time (a
+    line longer than a chunk waits for its end, without copying it again per chunk); a last
+    line without its newline comes last, alone."""
     pieces: list[bytes] = []  # a line not yet ended
     for chunk in chunks:
         cut = chunk.rfind(b"\n") + 1
         if not cut:
             pieces.append(chunk)
             continue
-        lines = b"".join([*pieces, chunk[: cut - 1]]).split(b"\n")
+        block = b"".join([*pieces, chunk[: cut - 1]])
         pieces = [chunk[cut:]] if cut < len(chunk) else []
-        yield lines
+        yield block
     if pieces:
-        yield [b"".join(pieces)]
+        yield b"".join(pieces)
 
 
-def _gzip_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], None, int]:
-    index, block, size = 0, [], 0
+def _gzip_blocks(unit: Unit) -> Generator[tuple[int, bytes | SkipRecord], None, int]:
+    """Line by line (gzip's reader), so that damage keeps every line read before it."""
+    index, lines, size = 0, [], 0
     with gzip.open(unit.path, "rb") as f:
         try:
-            for raw in f:  # (lines keep their newline: JSON whitespace)
-                block.append(raw)
+            for raw in f:
+                lines.append(raw)
                 size += len(raw)
                 if size >= BLOCK_BYTES:
-                    yield index, block
-                    index, block, size = index + len(block), [], 0
+                    yield index, _join_lines(lines)
+                    index, lines, size = index + len(lines), [], 0
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # only gzip raises these
-            if block:
-                yield index, block
-            yield index + len(block), _gzip_damage(e)
-            return index + len(block)
-    if block:
-        yield index, block
-    return index + len(block)
+            if lines:
+                yield index, _join_lines(lines)
+            yield index + len(lines), _gzip_damage(e)
+            return index + len(lines)
+    if lines:
+        yield index, _join_lines(lines)
+    return index + len(lines)
 
 
-def _zstd_blocks(unit: Unit) -> Generator[tuple[int, list[bytes] | SkipRecord], None, int]:
+def _join_lines(lines: list[bytes]) -> bytes:
+    """Lines that keep their newlines (the last one's maybe not) as a block (iter_line_blocks)."""
+    block = b"".join(lines)
+    return block[:-1] if block.endswith(b"\n") else block
+
+
+def _zstd_blocks(unit: Unit) -> Generator[tuple[int, bytes | SkipRecord], None, int]:
     """A zstd-compressed JSONL file (Dolma, The Pile), streamed: its frames one after the other."""
     import zstandard
 
     index = 0
     try:
-        for lines in _split_lines(_zstd_chunks(unit.path, zstandard)):
-            yield index, lines
-            index += len(lines)
+        for block in _line_blocks(_zstd_chunks(unit.path, zstandard)):
+            yield index, block
+            index += block.count(b"\n") + 1
     except EOFError:
         why = "compressed data ends early (file cut short); the rest is lost"
         yield index, SkipRecord("truncated_zstd", why)
@@ -511,17 +519,19 @@ class ViewSpec:
                 raise SkipRecord("lone_surrogate", f"view {name!r}: {why}")
         return views
 
-    def extract_block(self, lines: list[bytes]) -> list[str] | None:
+    def extract_block(self, block: bytes) -> list[str] | None:
         """The views of every line of a block (iter_line_blocks), len(names) per line back to
         back: what extract gives, record by record. None when some line is not a plain valid
         record (blank, not UTF-8 or not JSON, a view missing, not a string or empty, a repeated
         role): the caller then takes that block record by record, which names the reason. Typed
         decoding in C builds no dict and no Python frame per line."""
         try:
-            if not (block := b"\n".join(lines)).isascii():
+            if not block.isascii():
                 block.decode("utf-8")  # the fields not decoded below are checked too
-            records = list(map(_block_decoder(self.mode, self.fields), lines))
+            records = _decode_lines(block, _block_decoder(self.mode, self.fields))
         except (UnicodeDecodeError, msgspec.MsgspecError):
+            return None
+        if records is None:
             return None
         if self.mode == "fields":
             views = list(map(attrgetter(*_block_attrs(len(self.fields))), records))
@@ -615,8 +625,22 @@ def _none_if_blank(texts: list[str]) -> list[str] | None:
     return None if not all(texts) or any(map(str.isspace, texts)) else texts
 
 
+def _decode_lines(block: bytes, decoder: msgspec.json.Decoder) -> list | None:
+    """One struct per line of a block, or None. Where every line starts with "{" and ends with
+    "}" (each newline stands between the two), one call decodes the block: a newline after a
+    "}" that closes an inner object, or inside a string, would be followed by "{" where JSON
+    allows none (or be a raw control character), so every line holds whole values, at least
+    one, and as many values as lines means one each. Other blocks (CRLF lines, spaces around a
+    line, blank lines) are decoded line by line."""
+    lines = block.count(b"\n") + 1
+    if block[:1] == b"{" and block[-1:] == b"}" and block.count(b"}\n{") == lines - 1:
+        records = decoder.decode_lines(block)
+        return records if len(records) == lines else None
+    return list(map(decoder.decode, block.split(b"\n")))
+
+
 @functools.cache
-def _block_decoder(mode: str, fields: tuple[str, ...]) -> Callable[[bytes], object]:
+def _block_decoder(mode: str, fields: tuple[str, ...]) -> msgspec.json.Decoder:
     """Decodes one line into a struct holding only the views (ViewSpec.extract_block). The
     structs hold strings and lists, no cycles: untracked by the garbage collector (gc=False),
     which would otherwise scan every decoded record (~40% of the decoding time)."""
@@ -627,7 +651,7 @@ def _block_decoder(mode: str, fields: tuple[str, ...]) -> Callable[[bytes], obje
         attrs = _block_attrs(len(fields))
         record = msgspec.defstruct("Record", [(a, str) for a in attrs],
                                    rename=dict(zip(attrs, fields)), gc=False)  # fmt: skip
-    return msgspec.json.Decoder(record).decode
+    return msgspec.json.Decoder(record)
 
 
 def _block_attrs(n: int) -> list[str]:

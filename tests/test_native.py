@@ -123,7 +123,7 @@ def test_messages_views_are_the_python_views(monkeypatch, system_prompt):
     from data_pipeline import sources
 
     spec = sources.ViewSpec.parse("messages", system_prompt)
-    decode = sources._block_decoder("messages", ())
+    decode = sources._block_decoder("messages", ()).decode
     rng = random.Random(0)
     roles, contents = ["user", "assistant", "system", "tool", "é"], ["", " ", "\u3000", "x", "é y"]
     records = [

@@ -8,6 +8,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -440,12 +441,32 @@ def test_a_block_of_lines_gives_what_its_records_give(views, system_prompt, in_c
     fast, left = 0, LEFT_TO_RECORDS | (LEFT_TO_RECORDS_IN_C if in_c else set())
     for i, raw in enumerate(TRICKY):
         lines = [good, raw, good]
-        expected, got = _record_by_record(spec, lines), spec.extract_block(lines)
+        expected, got = _record_by_record(spec, lines), spec.extract_block(b"\n".join(lines))
         assert got is None or got == expected, (i, raw)
         if expected is not None and i not in left:
             assert got == expected, (i, raw)
             fast += 1
     assert fast >= 4
+
+
+@pytest.mark.parametrize("views", ["text", "messages"])
+def test_one_decoding_call_per_block_never_merges_or_splits_lines(views):
+    """A block whose lines all start with "{" and end with "}" is decoded in one call: a line
+    that holds two objects, or part of one, still gives None (the record path names it)."""
+    spec, good = sources.ViewSpec.parse(views), TRICKY[0]
+    for lines in (
+        [good + good], [good, good + good, good], [good, good[:-1] + b', "z": {"y": 1}',
+        b'{"q": 2}}', good], [good[:-1] + b', "z": [{"y": 1}', b'{"q": 2}]}'], [good, b"{}"],
+        [good[:-1] + b', "z": "}', b'{"}'], [good, good[:-1] + b', "z": "a\\n}{b"}', good],
+    ):  # fmt: skip
+        expected, got = _record_by_record(spec, lines), spec.extract_block(b"\n".join(lines))
+        assert got is None or got == expected, lines
+        assert (got is None) == (expected is None), lines
+    calls = []
+    decoder = sources._block_decoder(spec.mode, spec.fields)
+    spy = SimpleNamespace(decode_lines=lambda b: calls.append(b) or decoder.decode_lines(b))
+    assert sources._decode_lines(b"\n".join([good] * 3), spy) == [decoder.decode(good)] * 3
+    assert calls
 
 
 @pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 20])
@@ -485,9 +506,9 @@ def test_blocks_of_lines_are_the_lines_of_every_unit(tmp_path, monkeypatch, bloc
                     count = end.value
                     break
                 assert first == index
-                got += block
-                index += len(block)
-            assert got == expected.splitlines(keepends=unit.kind == "jsonl_gz"), unit
+                got += block.split(b"\n")
+                index = len(got)
+            assert got == expected.splitlines(), unit
             assert count == len(got)
 
 
