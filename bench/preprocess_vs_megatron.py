@@ -18,9 +18,9 @@ reads one text field per `--json-keys` key:
   1 view:  text.jsonl, {"text": user + "\\n\\n" + assistant}; every tool reads this file
            (ours: --views text; Megatron: --json-keys text).
   2 views: flat.jsonl, {"user": ..., "assistant": ...}; Megatron: --json-keys user assistant.
-           Ours reads the chat records (--views messages, as a user would: system prompts are
-           read and dropped) and, for the same file as Megatron, flat.jsonl (--views
-           user,assistant).
+           Ours reads flat.jsonl too (--views user,assistant: the ratios refer to this) and
+           the chat records (--views messages, as a user would: system prompts are read and
+           dropped; twice the bytes of flat.jsonl).
 --doc_records N: each document joins N consecutive records (users and assistants each joined by
 "\n"), so a document is N times as long (30: ~4 KB, the length of a web page; 1: the paper's
 ~130-byte records, where the cost per record weighs most). --fast_only: Megatron's
@@ -343,9 +343,9 @@ def main() -> None:
                   ("fast", "Megatron preprocess_data_fast.py")) if kind not in skipped]  # fmt: skip
         cases = [  # (title, Megatron's input and --json-keys, ours: first the one ratios refer to)
             ("1 view", "text.jsonl", ("text",), [Tool("ours --views text", "text.jsonl", ("text",), "ours")]),
-            ("2 views", "flat.jsonl", ("user", "assistant"), [
-                Tool("ours --views messages (chat file)", "chat.jsonl", ("messages",), "ours"),
-                Tool("ours --views user,assistant", "flat.jsonl", ("user,assistant",), "ours")]),
+            ("2 views", "flat.jsonl", ("user", "assistant"), [  # (the same file first)
+                Tool("ours --views user,assistant", "flat.jsonl", ("user,assistant",), "ours"),
+                Tool("ours --views messages (chat file)", "chat.jsonl", ("messages",), "ours")]),
         ]  # fmt: skip
         print(f"cpus: {os.cpu_count()}; Megatron's tools run with {args.python}; runs (wall, cpu):")
         tables = []

@@ -16,7 +16,11 @@
  *       the first); `ends` a buffer of native int64 byte offsets, non-decreasing.
  *   messages_views(records, prefix) -> list | None
  *       The user and assistant views of decoded chat records (data_pipeline/sources.py
- *       ViewSpec._messages_block, which defines them), back to back; None where that gives None.
+ *       ViewSpec._messages_block, which defines them), back to back; None where that gives None
+ *       or a view is blank (empty or whitespace: sources._none_if_blank).
+ *   field_views(records, names) -> list | None
+ *       The attributes `names` (str) of each record, back to back; None where one is not a str
+ *       or is blank.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -242,7 +246,7 @@ done:
 /* ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------ */
-/* Chat records → views                                                                       */
+/* Decoded records → views                                                                    */
 
 static PyObject *str_messages, *str_role, *str_content, *str_user, *str_assistant, *str_system;
 
@@ -319,7 +323,10 @@ static int append_views(PyObject *out, PyObject *record, int prefix) {
         if (joined == NULL) goto done;
         Py_SETREF(user, joined);
     }
-    result = PyList_Append(out, user) || PyList_Append(out, assistant) ? -1 : 1;
+    if (is_blank(user) || is_blank(assistant))
+        result = 0;
+    else
+        result = PyList_Append(out, user) || PyList_Append(out, assistant) ? -1 : 1;
 done:
     for (Py_ssize_t k = 0; k < n; k++) Py_DECREF(roles[k]);
     Py_XDECREF(user);
@@ -348,6 +355,33 @@ static PyObject *messages_views(PyObject *self, PyObject *args) {
     return out;
 }
 
+static PyObject *field_views(PyObject *self, PyObject *args) {
+    PyObject *arg, *names, *records, *out;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO!", &arg, &PyTuple_Type, &names)) return NULL;
+    if ((records = PySequence_Fast(arg, "records: not a sequence")) == NULL) return NULL;
+    Py_ssize_t n_records = PySequence_Fast_GET_SIZE(records), n_names = PyTuple_GET_SIZE(names);
+    if ((out = PyList_New(n_records * n_names)) == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n_records; i++) {
+        PyObject *record = PySequence_Fast_GET_ITEM(records, i);
+        for (Py_ssize_t j = 0; j < n_names; j++) {
+            PyObject *view = PyObject_GetAttr(record, PyTuple_GET_ITEM(names, j));
+            if (view == NULL) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            PyList_SET_ITEM(out, i * n_names + j, view);  /* (the list owns it, even on None) */
+            if (!PyUnicode_Check(view) || is_blank(view)) {
+                Py_SETREF(out, Py_NewRef(Py_None));
+                goto done;
+            }
+        }
+    }
+done:
+    Py_DECREF(records);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"split_digests", split_digests, METH_VARARGS,
      "split_digests(texts, n_views) -> bytes: 8-byte BLAKE2b of each record's views joined by "
@@ -358,6 +392,8 @@ static PyMethodDef methods[] = {
     {"messages_views", messages_views, METH_VARARGS,
      "messages_views(records, prefix) -> list | None: the user and assistant views of decoded "
      "chat records."},
+    {"field_views", field_views, METH_VARARGS,
+     "field_views(records, names) -> list | None: the attributes `names` of each record."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -533,11 +533,13 @@ class ViewSpec:
             return None
         if records is None:
             return None
-        if self.mode == "fields":
-            views = list(map(attrgetter(*_block_attrs(len(self.fields))), records))
-            texts = views if len(self.fields) == 1 else list(itertools.chain.from_iterable(views))
-        elif (texts := self._messages_block(records)) is None:
-            return None
+        if self.mode == "messages":
+            return self._messages_block(records)
+        attrs = _block_attrs(len(self.fields))
+        if native is not None:  # the same, in C (data_pipeline/_native.c)
+            return native.field_views(records, attrs)
+        views = list(map(attrgetter(*attrs), records))
+        texts = views if len(attrs) == 1 else list(itertools.chain.from_iterable(views))
         return _none_if_blank(texts)  # (valid UTF-8 holds no lone surrogate)
 
     @property
@@ -566,7 +568,7 @@ class ViewSpec:
 
     def _messages_block(self, records: list) -> list[str] | None:
         """The user and assistant views of decoded chat records; None where a record repeats a
-        role, lacks one of them, or has a blank user under a system prefix."""
+        role, lacks one of them, or a view is blank (the user one under a system prefix too)."""
         prefix = self.system_prompt == "prefix"
         if native is not None:  # the same, in C (data_pipeline/_native.c)
             return native.messages_views(records, prefix)
@@ -582,7 +584,7 @@ class ViewSpec:
                     return None
                 user = f"{by_role['system']}\n\n{user}"
             texts += (user, assistant)
-        return texts
+        return _none_if_blank(texts)
 
     def _fields(self, record: dict) -> list[str]:
         views = []
@@ -654,8 +656,9 @@ def _block_decoder(mode: str, fields: tuple[str, ...]) -> msgspec.json.Decoder:
     return msgspec.json.Decoder(record)
 
 
-def _block_attrs(n: int) -> list[str]:
-    return [f"f{i}" for i in range(n)]
+@functools.cache
+def _block_attrs(n: int) -> tuple[str, ...]:
+    return tuple(f"f{i}" for i in range(n))
 
 
 def iter_view_texts(
