@@ -659,7 +659,7 @@ def preprocess(
     )  # fmt: skip
     if native is None and os.environ.get("LLM_JEPA_PURE_PYTHON") != "1":
         print("[preprocess] data_pipeline/_native.c is not built (no C compiler at install?): "
-              "split hash and record CRCs run in Python (same output, slower)", file=sys.stderr)  # fmt: skip
+              "its per-record work runs in Python (same output, slower)", file=sys.stderr)  # fmt: skip
     out_dir = Path(out)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     units, parts = plan_once(out_dir, paths, settings, shard_bytes)

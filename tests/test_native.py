@@ -3,6 +3,7 @@ definitions give (hashlib's BLAKE2b, zlib's CRC32), and preprocessing writes the
 with it as without it."""
 
 import hashlib
+import json
 import os
 import random
 import zlib
@@ -15,6 +16,7 @@ from test_preprocess_parts import assert_same_files, run
 
 import data_pipeline.preprocess as pre
 import data_pipeline.shards as shard_io
+import data_pipeline.sources as sources
 from data_pipeline.native import native
 
 needs_native = pytest.mark.skipif(native is None, reason="data_pipeline._native not built")
@@ -91,7 +93,7 @@ def test_record_crcs_refuse_bad_ends():
 
 @needs_native
 def test_preprocessing_writes_the_same_bytes_in_c_and_in_python(
-    tmp_path, tokenizer_dir, monkeypatch
+    tmp_path, tokenizer_dir, monkeypatch, capsys
 ):
     lines = (BUNDLED / "train.jsonl").read_text().splitlines()
     corpus = write_jsonl(tmp_path / "in.jsonl", lines)
@@ -101,14 +103,20 @@ def test_preprocessing_writes_the_same_bytes_in_c_and_in_python(
     def counted(f):
         return lambda *args: calls.append(f.__name__) or f(*args)
 
+    names = ("split_digests", "record_crcs", "messages_views", "field_views")
+    spy = SimpleNamespace(**{name: counted(getattr(native, name)) for name in names})
+    modules = (pre, shard_io, sources)
     with monkeypatch.context() as m:
-        m.setattr(pre, "native", SimpleNamespace(split_digests=counted(native.split_digests)))
-        m.setattr(shard_io, "native", SimpleNamespace(record_crcs=counted(native.record_crcs)))
+        for module in modules:
+            m.setattr(module, "native", spy)
         in_c = run(corpus, tmp_path / "c", tokenizer_dir, **kw)
-    assert set(calls) == {"split_digests", "record_crcs"}
-    monkeypatch.setattr(pre, "native", None)
-    monkeypatch.setattr(shard_io, "native", None)
+    assert set(calls) == {"split_digests", "record_crcs", "messages_views"}
+    assert "not built" not in capsys.readouterr().err
+    for module in modules:
+        monkeypatch.setattr(module, "native", None)
+    monkeypatch.delenv("LLM_JEPA_PURE_PYTHON", raising=False)
     assert run(corpus, tmp_path / "python", tokenizer_dir, **kw) == in_c
+    assert "data_pipeline/_native.c is not built" in capsys.readouterr().err  # said, not silent
     assert in_c["splits"]["val"]["records"] > 0
     assert_same_files(tmp_path / "c", tmp_path / "python")
 
@@ -118,9 +126,6 @@ def test_preprocessing_writes_the_same_bytes_in_c_and_in_python(
 def test_messages_views_are_the_python_views(monkeypatch, system_prompt):
     """Random chat records (roles repeated or missing, blank contents, up to 10 messages): per
     record and per block, the C views are ViewSpec._messages_block's."""
-    import json
-
-    from data_pipeline import sources
 
     spec = sources.ViewSpec.parse("messages", system_prompt)
     decode = sources._block_decoder("messages", ()).decode
@@ -147,9 +152,6 @@ def test_messages_views_are_the_python_views(monkeypatch, system_prompt):
 def test_field_views_are_the_python_views(monkeypatch):
     """Named fields of decoded records: C and Python give the same views, or both None (a blank
     view anywhere in the block); a value that is not a string gives None, a missing one raises."""
-    import json
-
-    from data_pipeline import sources
 
     spec = sources.ViewSpec.parse("q,a-b")
     decode = sources._block_decoder(spec.mode, spec.fields).decode
