@@ -9,7 +9,7 @@ setup(
         Extension(
             "data_pipeline._native",
             ["data_pipeline/_native.c"],
-            extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra"],
             optional=True,
         )
     ]
