@@ -244,8 +244,6 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------ */
-
-/* ------------------------------------------------------------------------------------------ */
 /* Decoded records → views                                                                    */
 
 static PyObject *str_messages, *str_role, *str_content, *str_user, *str_assistant, *str_system;
@@ -262,42 +260,34 @@ static int is_blank(PyObject *s) {  /* `not s or s.isspace()` */
 #define MAX_ROLES 8 /* a record with more messages is left to the Python path */
 
 /* The views of one record appended to `out`: 1, or 0 for "no views" (a role twice, user or
-   assistant missing, a blank user under a system prefix, too many messages), -1 on error. */
+   assistant missing, a blank view, too many messages), -1 on error. */
 static int append_views(PyObject *out, PyObject *record, int prefix) {
     PyObject *roles[MAX_ROLES], *user = NULL, *assistant = NULL, *system = NULL;
     int result = -1;
-    Py_ssize_t n = 0;
+    Py_ssize_t n = 0;  /* roles held */
     PyObject *messages = PyObject_GetAttr(record, str_messages);
     if (messages == NULL) return -1;
     if (!PyList_Check(messages) || PyList_GET_SIZE(messages) > MAX_ROLES) {
         result = 0;
         goto done;
     }
-    for (; n < PyList_GET_SIZE(messages); n++) {
-        PyObject *m = PyList_GET_ITEM(messages, n);
-        PyObject *role = PyObject_GetAttr(m, str_role), *content;
-        if (role == NULL) goto done;
-        roles[n] = role;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(messages); i++) {
+        PyObject *m = PyList_GET_ITEM(messages, i), *role, *content;
+        if ((role = PyObject_GetAttr(m, str_role)) == NULL) goto done;
+        roles[n++] = role;
         if (!PyUnicode_Check(role)) {
-            n++;
             result = 0;
             goto done;
         }
-        for (Py_ssize_t k = 0; k < n; k++) {
-            int same = PyUnicode_Compare(roles[k], role) == 0;
-            if (same) {  /* (str against str: no error to check) */
-                n++;
+        for (Py_ssize_t k = 0; k < n - 1; k++) {
+            if (PyUnicode_Compare(roles[k], role) == 0) {  /* (str and str: no error) */
                 result = 0;
                 goto done;
             }
         }
-        if ((content = PyObject_GetAttr(m, str_content)) == NULL) {
-            n++;
-            goto done;
-        }
+        if ((content = PyObject_GetAttr(m, str_content)) == NULL) goto done;
         if (!PyUnicode_Check(content)) {
             Py_DECREF(content);
-            n++;
             result = 0;
             goto done;
         }
