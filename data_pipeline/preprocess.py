@@ -229,11 +229,11 @@ def process_unit(args: tuple) -> tuple[int, int | None, dict]:
         views, lines = settings.views, 0
         if unit.kind in JSONL_KINDS:  # a block of lines at a time, where every line is a record
             blocks = Counted(iter_line_blocks(unit))
-            for first, block in blocks:
+            for first, n, block in blocks:
                 if isinstance(block, SkipRecord):  # (a damaged compressed file)
                     take([(first, block)])
-                elif (texts := views.extract_block(block)) is not None:
-                    take_block(first, texts, len(texts) // n_views)
+                elif (texts := views.extract_block(block, n)) is not None:
+                    take_block(first, texts, n)
                 else:  # some line is not a plain valid record: each one's reason
                     take(parse_block(first, block))
             lines = blocks.lines

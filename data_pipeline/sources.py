@@ -287,7 +287,7 @@ def iter_records(unit: Unit) -> Generator[tuple[int, dict | SkipRecord], None, i
     read (JSONL; 0 otherwise), which numbers the lines of the units after it."""
     if unit.kind in JSONL_KINDS:
         blocks = Counted(iter_line_blocks(unit))
-        for first, block in blocks:
+        for first, _, block in blocks:
             if isinstance(block, SkipRecord):
                 yield first, block
             else:
@@ -325,23 +325,19 @@ def parse_block(first: int, block: bytes) -> Iterator[tuple[int, dict | SkipReco
             yield index, _parse_json_line(raw)
 
 
-def iter_line_blocks(unit: Unit) -> Generator[tuple[int, bytes | SkipRecord], None, int]:
+def iter_line_blocks(unit: Unit) -> Generator[tuple[int, int, bytes | SkipRecord], None, int]:
     """The lines of a JSONL unit (plain, .gz or .zst), about BLOCK_BYTES at a time: (index of
-    the block's first line, the block: whole lines, blank ones included, joined by newlines,
-    without the last one's; block.count(b"\n") + 1 lines). A damaged compressed file ends with
-    (index of the line after the last read, SkipRecord): the lines before stay, the rest of the
-    file is one counted skip. Returns the number of lines."""
+    the block's first line, its number of lines, the block: whole lines, blank ones included,
+    joined by newlines, without the last one's). A damaged compressed file ends with (index of
+    the line after the last read, 0, SkipRecord): the lines before stay, the rest of the file
+    is one counted skip. Returns the number of lines."""
     if unit.kind == "jsonl_gz":
         return (yield from _gzip_blocks(unit))
     if unit.kind == "jsonl_zst":
         return (yield from _zstd_blocks(unit))
     with open(unit.path, "rb") as f:
         f.seek(unit.start)
-        index = 0
-        for block in _line_blocks(_chunks(f, unit.end - unit.start)):
-            yield index, block
-            index += block.count(b"\n") + 1
-        return index
+        return (yield from _numbered(_line_blocks(_chunks(f, unit.end - unit.start))))
 
 
 def _chunks(f, size: int) -> Iterator[bytes]:
@@ -368,7 +364,17 @@ def _line_blocks(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield b"".join(pieces)
 
 
-def _gzip_blocks(unit: Unit) -> Generator[tuple[int, bytes | SkipRecord], None, int]:
+def _numbered(blocks: Iterator[bytes]) -> Generator[tuple[int, int, bytes], None, int]:
+    """Blocks of lines as iter_line_blocks yields them (lines counted once, here)."""
+    index = 0
+    for block in blocks:
+        lines = block.count(b"\n") + 1
+        yield index, lines, block
+        index += lines
+    return index
+
+
+def _gzip_blocks(unit: Unit) -> Generator[tuple[int, int, bytes | SkipRecord], None, int]:
     """Line by line (gzip's reader), so that damage keeps every line read before it."""
     index, lines, size = 0, [], 0
     with gzip.open(unit.path, "rb") as f:
@@ -377,15 +383,15 @@ def _gzip_blocks(unit: Unit) -> Generator[tuple[int, bytes | SkipRecord], None, 
                 lines.append(raw)
                 size += len(raw)
                 if size >= BLOCK_BYTES:
-                    yield index, _join_lines(lines)
+                    yield index, len(lines), _join_lines(lines)
                     index, lines, size = index + len(lines), [], 0
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # only gzip raises these
             if lines:
-                yield index, _join_lines(lines)
-            yield index + len(lines), _gzip_damage(e)
+                yield index, len(lines), _join_lines(lines)
+            yield index + len(lines), 0, _gzip_damage(e)
             return index + len(lines)
     if lines:
-        yield index, _join_lines(lines)
+        yield index, len(lines), _join_lines(lines)
     return index + len(lines)
 
 
@@ -395,21 +401,21 @@ def _join_lines(lines: list[bytes]) -> bytes:
     return block[:-1] if block.endswith(b"\n") else block
 
 
-def _zstd_blocks(unit: Unit) -> Generator[tuple[int, bytes | SkipRecord], None, int]:
+def _zstd_blocks(unit: Unit) -> Generator[tuple[int, int, bytes | SkipRecord], None, int]:
     """A zstd-compressed JSONL file (Dolma, The Pile), streamed: its frames one after the other."""
     import zstandard
 
-    index = 0
+    index = 0  # lines read
     try:
-        for block in _line_blocks(_zstd_chunks(unit.path, zstandard)):
-            yield index, block
-            index += block.count(b"\n") + 1
+        for first, lines, block in _numbered(_line_blocks(_zstd_chunks(unit.path, zstandard))):
+            yield first, lines, block
+            index = first + lines
     except EOFError:
         why = "compressed data ends early (file cut short); the rest is lost"
-        yield index, SkipRecord("truncated_zstd", why)
+        yield index, 0, SkipRecord("truncated_zstd", why)
         return index
     except zstandard.ZstdError as e:
-        yield index, SkipRecord("bad_zstd", f"{e}; the rest of the file is lost")
+        yield index, 0, SkipRecord("bad_zstd", f"{e}; the rest of the file is lost")
         return index
     return index
 
@@ -519,7 +525,7 @@ class ViewSpec:
                 raise SkipRecord("lone_surrogate", f"view {name!r}: {why}")
         return views
 
-    def extract_block(self, block: bytes) -> list[str] | None:
+    def extract_block(self, block: bytes, lines: int | None = None) -> list[str] | None:
         """The views of every line of a block (iter_line_blocks), len(names) per line back to
         back: what extract gives, record by record. None when some line is not a plain valid
         record (blank, not UTF-8 or not JSON, a view missing, not a string or empty, a repeated
@@ -528,7 +534,7 @@ class ViewSpec:
         try:
             if not block.isascii():
                 block.decode("utf-8")  # the fields not decoded below are checked too
-            records = _decode_lines(block, _block_decoder(self.mode, self.fields))
+            records = _decode_lines(block, _block_decoder(self.mode, self.fields), lines)
         except (UnicodeDecodeError, msgspec.MsgspecError):
             return None
         if records is None:
@@ -627,14 +633,17 @@ def _none_if_blank(texts: list[str]) -> list[str] | None:
     return None if not all(texts) or any(map(str.isspace, texts)) else texts
 
 
-def _decode_lines(block: bytes, decoder: msgspec.json.Decoder) -> list | None:
+def _decode_lines(
+    block: bytes, decoder: msgspec.json.Decoder, lines: int | None = None
+) -> list | None:
     """One struct per line of a block, or None. Where every line starts with "{" and ends with
     "}" (each newline stands between the two), one call decodes the block: a newline after a
     "}" that closes an inner object, or inside a string, would be followed by "{" where JSON
     allows none (or be a raw control character), so every line holds whole values, at least
     one, and as many values as lines means one each. Other blocks (CRLF lines, spaces around a
-    line, blank lines) are decoded line by line."""
-    lines = block.count(b"\n") + 1
+    line, blank lines) are decoded line by line. `lines`: the block's, where the reader counted
+    them."""
+    lines = block.count(b"\n") + 1 if lines is None else lines
     if block[:1] == b"{" and block[-1:] == b"}" and block.count(b"}\n{") == lines - 1:
         records = decoder.decode_lines(block)
         return records if len(records) == lines else None

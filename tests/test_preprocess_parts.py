@@ -501,11 +501,12 @@ def test_blocks_of_lines_are_the_lines_of_every_unit(tmp_path, monkeypatch, bloc
             got, index = [], 0
             while True:
                 try:
-                    first, block = next(blocks)
+                    first, n, block = next(blocks)
                 except StopIteration as end:
                     count = end.value
                     break
                 assert first == index
+                assert n == block.count(b"\n") + 1
                 got += block.split(b"\n")
                 index = len(got)
             assert got == expected.splitlines(), unit
@@ -546,7 +547,7 @@ def test_blocks_and_records_write_the_same_bytes(tmp_path, tokenizer_dir, monkey
             m.setattr(sources, "BLOCK_BYTES", 300)
             assert run(path, tmp_path / f"small-{path.name}", tokenizer_dir, **kw) == blocks
         with monkeypatch.context() as m:
-            m.setattr(sources.ViewSpec, "extract_block", lambda self, lines: None)
+            m.setattr(sources.ViewSpec, "extract_block", lambda self, block, lines=None: None)
             assert run(path, tmp_path / f"records-{path.name}", tokenizer_dir, **kw) == blocks
         for other in ("small", "records"):
             assert_same_files(tmp_path / f"blocks-{path.name}", tmp_path / f"{other}-{path.name}")
